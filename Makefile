@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TINY := tests/fixtures/tiny-sd
+HOST ?= 127.0.0.1
+PORT ?= 7860
+
+.PHONY: serve test install tiny-model bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[cpu,export,test]'
+	$(BIN)/pip install -q --no-deps k-diffusion==0.0.16
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/sdfc serve --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Rebuild the committed tiny test model from its fixed seed (needs the export extra).
+tiny-model: $(STAMP)
+	$(BIN)/sdfc export tiny --out $(TINY)
+
+bench: $(STAMP)
+	$(BIN)/sdfc bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

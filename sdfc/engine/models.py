@@ -1,0 +1,147 @@
+"""Exported models on disk: finding them in a models folder and running their ONNX parts.
+
+A models folder holds one sub-folder per model, each written by `sdfc export` (see
+models_export/onnx_export.py for the layout). Sessions are created once per model and kept: the engine
+is loaded once per instance and then serves many requests.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError, ModelNotFoundError
+from .schedules import ModelSigmas, alphas_cumprod_from_config
+
+log = logging.getLogger("sdfc.engine")
+
+MANIFEST = "sdfc.json"
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API lists about a model (A1111's sd-models entry) and where it lives."""
+
+    name: str
+    path: Path
+    sha256: str
+    short_hash: str
+    precision: str
+    architecture: str
+    prediction_type: str
+
+    @property
+    def title(self) -> str:
+        # A1111 titles are "<file name> [<short hash>]"; clients send either form back.
+        return f"{self.name} [{self.short_hash}]"
+
+    def matches(self, wanted: str) -> bool:
+        wanted = wanted.strip()
+        return wanted in (self.name, self.title, self.short_hash, self.sha256) or \
+            wanted.split(" [")[0] == self.name
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{str(path)!r} is not an exported model: {MANIFEST} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{str(manifest_path)!r} is not valid JSON: {exc}") from None
+    source = manifest.get("source", {})
+    return ModelInfo(
+        name=manifest.get("name") or path.name, path=path,
+        sha256=source.get("sha256", ""), short_hash=source.get("short_hash", "")[:10],
+        precision=manifest.get("precision", "fp32"), architecture=manifest.get("architecture", "sd1"),
+        prediction_type=manifest.get("prediction_type", "epsilon"),
+    )
+
+
+def scan_models(models_dir: str | Path) -> list[ModelInfo]:
+    """Every exported model under `models_dir` (the folder itself may be a single model)."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise ModelNotFoundError(f"models folder {str(models_dir)!r} does not exist")
+    if (models_dir / MANIFEST).is_file():
+        return [read_model_info(models_dir)]
+    found = [read_model_info(p) for p in sorted(models_dir.iterdir()) if (p / MANIFEST).is_file()]
+    if not found:
+        raise ModelNotFoundError(f"no exported model in {str(models_dir)!r} (no sub-folder has {MANIFEST})")
+    return found
+
+
+class OnnxModel:
+    """The four ONNX sessions of one model plus what the runtime must know about them."""
+
+    def __init__(self, info: ModelInfo, device: str = "cpu", threads: int = 0):
+        import onnxruntime as ort
+
+        if device not in PROVIDERS:
+            raise ValueError(f"unknown device {device!r}; valid devices: {', '.join(PROVIDERS)}")
+        self.info = info
+        self.device = device
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {c: self._session(ort, c, options) for c in COMPONENTS}
+        self.providers = self.sessions["unet"].get_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            log.warning("CUDA was asked for but onnxruntime runs %s on %s: check the CUDA 13 / cuDNN 9 "
+                        "libraries", info.name, self.providers)
+        log.info("model %s loaded (%s, providers %s)", info.name, info.precision, self.providers)
+        self.dtype = np.float16 if self.sessions["unet"].get_inputs()[0].type == "tensor(float16)" \
+            else np.float32
+        self._timestep = self.sessions["unet"].get_inputs()[1]
+        scheduler = json.loads((info.path / "scheduler" / "scheduler_config.json").read_text())
+        self.sigmas = ModelSigmas(alphas_cumprod_from_config(scheduler))
+        vae = json.loads((info.path / "vae_decoder" / "config.json").read_text())
+        self.vae_scaling_factor = float(vae.get("scaling_factor", 0.18215))
+        self.num_train_timesteps = int(scheduler.get("num_train_timesteps", 1000))
+        from tokenizers import Tokenizer
+        self.tokenizer = Tokenizer.from_file(str(info.path / "tokenizer" / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+
+    def _session(self, ort, component: str, options):
+        path = self.info.path / component / "model.onnx"
+        if not path.is_file():
+            raise ModelNotFoundError(f"model {self.info.name!r} lacks {str(path)!r}")
+        try:
+            return ort.InferenceSession(str(path), options, providers=PROVIDERS[self.device])
+        except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+            raise ModelLoadError(f"cannot load {str(path)!r}: {exc}") from None
+
+    def _run(self, component: str, feeds: dict) -> np.ndarray:
+        out = self.sessions[component].run(None, {k: v.astype(self.dtype) if v.dtype.kind == "f" else v
+                                                  for k, v in feeds.items()})[0]
+        return out.astype(np.float32)
+
+    def encode_tokens(self, input_ids: np.ndarray) -> np.ndarray:
+        return self._run("text_encoder", {"input_ids": input_ids.astype(np.int64)})
+
+    def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
+        """ε prediction. Fractional timesteps matter (k-diffusion): int64 graphs get them rounded."""
+        if self._timestep.type == "tensor(int64)":
+            t = np.full((sample.shape[0],), round(timestep), dtype=np.int64)
+        elif len(self._timestep.shape) == 0:
+            t = np.asarray(timestep, dtype=np.float32)
+        else:
+            t = np.full((sample.shape[0],), timestep, dtype=np.float32)
+        return self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})
+
+    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
+        return self._run("vae_decoder", {"latent_sample": latents / np.float32(self.vae_scaling_factor)})
+
+    def vae_encode(self, images: np.ndarray) -> np.ndarray:
+        """Latent of images in [-1, 1]: the posterior mean (deterministic), times the scaling factor."""
+        params = self._run("vae_encoder", {"sample": images})
+        return params[:, :4] * np.float32(self.vae_scaling_factor)

@@ -1,0 +1,344 @@
+"""The generation pipeline: request → seeds and noise → sampler loop over a CFG denoiser → VAE → images.
+
+`Engine` is held once per process (`setup` cost paid once); `generate` is one call per request and keeps
+no state between requests apart from the loaded models. A `JobControl` passed in carries progress out
+and interrupt/skip in, so that other threads (the HTTP progress route) can watch and steer a job.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import samplers as samplers_mod
+from . import schedules
+from .conditioning import encode_prompts
+from .errors import Interrupted, InvalidRequestError, ModelNotFoundError, NaNError
+from .models import ModelInfo, OnnxModel, scan_models
+from .rng import ImageRNG
+
+log = logging.getLogger("sdfc.engine")
+
+MAX_SEED = 4294967294  # A1111 draws random seeds from range(4294967294)
+NOISE_SOURCES = ("GPU", "CPU", "NV")
+
+
+@dataclass
+class GenerationRequest:
+    """One txt2img or img2img job, in A1111's terms (defaults are the engine's, not the API's)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler_name: str = "Euler"
+    scheduler: str | None = None  # None or "Automatic": the sampler's default schedule
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = -1
+    seed_resize_from_h: int = -1
+    batch_size: int = 1
+    n_iter: int = 1
+    eta: float | None = None       # None: option eta_ancestral (k-diffusion) / eta_ddim (DDIM)
+    eta_ancestral: float = 1.0
+    eta_ddim: float = 0.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0            # 0 means infinity, as A1111's option
+    s_noise: float = 1.0
+    noise_source: str = "GPU"      # option randn_source
+    eta_noise_seed_delta: int = 0
+    model: str | None = None       # name, title or hash; None: the engine's current model
+    init_images: list[Image.Image] | None = None  # img2img when given
+    denoising_strength: float = 0.75
+    resize_mode: int = 0
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    float_images: list[np.ndarray]  # (H, W, 3) in [0, 1] before 8-bit conversion, for exact comparisons
+    seeds: list[int]
+    subseeds: list[int]
+    prompts: list[str]
+    negative_prompts: list[str]
+    sampler_name: str
+    schedule_label: str | None      # None when the sampler's Automatic choice was used
+    model: ModelInfo
+    request: GenerationRequest
+    interrupted: bool = False
+
+
+@dataclass
+class JobControl:
+    """Progress out, interrupt and skip in. Read by other threads while a job runs."""
+
+    job_count: int = 0
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    current_latent: np.ndarray | None = None
+    interrupted: bool = False
+    skipped: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+
+    def skip(self) -> None:
+        self.skipped = True
+
+    @property
+    def progress(self) -> float:
+        with self._lock:
+            if not self.job_count or not self.sampling_steps:
+                return 0.0
+            return (self.job_no + self.sampling_step / self.sampling_steps) / self.job_count
+
+    def _step(self, step: int, latent: np.ndarray) -> None:
+        with self._lock:
+            self.sampling_step = step
+            self.current_latent = latent
+
+    def _check(self) -> None:
+        if self.interrupted or self.skipped:
+            raise Interrupted("job interrupted" if self.interrupted else "image skipped")
+
+
+class CFGDenoiser:
+    """Classifier-free guidance over one UNet batch of [cond images…, uncond images…] (§2)."""
+
+    def __init__(self, model: OnnxModel, cond: np.ndarray, uncond: np.ndarray, cfg_scale: float,
+                 control: JobControl):
+        self.model, self.cond, self.uncond = model, cond, uncond
+        self.cfg_scale = np.float32(cfg_scale)
+        self.control = control
+
+    def _eps_pair(self, x_in: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+        self.control._check()
+        b = x_in.shape[0]
+        if self.cond.shape == self.uncond.shape:
+            eps = self.model.unet(np.concatenate([x_in, x_in]), t, np.concatenate([self.cond, self.uncond]))
+            eps_c, eps_u = eps[:b], eps[b:]
+        else:  # different prompt lengths cannot share a batch (§1.6)
+            eps_c = self.model.unet(x_in, t, self.cond)
+            eps_u = self.model.unet(x_in, t, self.uncond)
+        return eps_c, eps_u
+
+    def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
+        """D(x, σ) guided: k-diffusion's CompVis wrapping, CFG combined on the denoised outputs."""
+        sigma = np.float32(sigma)
+        c_in = np.float32(1) / np.sqrt(sigma ** 2 + np.float32(1))
+        eps_c, eps_u = self._eps_pair(x * c_in, self.model.sigmas.sigma_to_t(sigma))
+        d_c, d_u = x - eps_c * sigma, x - eps_u * sigma
+        return d_u + (d_c - d_u) * self.cfg_scale
+
+    def eps(self, x: np.ndarray, timestep: float) -> np.ndarray:
+        """Guided ε at an integer timestep, for the DDIM family."""
+        eps_c, eps_u = self._eps_pair(x, timestep)
+        return eps_u + (eps_c - eps_u) * self.cfg_scale
+
+
+def resolve_seed(seed: int | None) -> int:
+    if seed is None or int(seed) == -1:
+        return random.randrange(MAX_SEED)
+    return int(seed)
+
+
+def _positive_int(name: str, value, upper: int | None = None) -> None:
+    if not isinstance(value, (int, np.integer)) or value < 1 or (upper and value > upper):
+        bound = f" and at most {upper}" if upper else ""
+        raise InvalidRequestError(f"{name} must be an integer of at least 1{bound}, got {value!r}")
+
+
+def validate(req: GenerationRequest) -> tuple[samplers_mod.Sampler, schedules.Schedule | None]:
+    """Check a request; return its sampler and explicit schedule (None: the sampler's Automatic)."""
+    for name in ("width", "height"):
+        value = getattr(req, name)
+        _positive_int(name, value)
+        if value % 8:
+            raise InvalidRequestError(f"{name} must be a multiple of 8, got {value}")
+    _positive_int("steps", req.steps)
+    _positive_int("batch_size", req.batch_size)
+    _positive_int("n_iter", req.n_iter)
+    if not math.isfinite(req.cfg_scale):
+        raise InvalidRequestError(f"cfg_scale must be a finite number, got {req.cfg_scale!r}")
+    if req.init_images is not None and not 0 <= req.denoising_strength <= 1:
+        raise InvalidRequestError(f"denoising_strength must be between 0 and 1, got {req.denoising_strength}")
+    if req.noise_source not in NOISE_SOURCES:
+        raise InvalidRequestError(f"unknown noise source {req.noise_source!r}; valid: {', '.join(NOISE_SOURCES)}")
+    labels = [s.label for s in schedules.SCHEDULES]
+    name, suffix = samplers_mod.split_combined_name(req.sampler_name or "", labels)
+    try:
+        sampler = samplers_mod.find_sampler(name)
+        scheduler = req.scheduler or suffix
+        schedule = None if not scheduler or scheduler.lower() == "automatic" \
+            else schedules.find_schedule(scheduler)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    return sampler, schedule
+
+
+def _to_image_array(image: Image.Image, width: int, height: int, resize_mode: int) -> np.ndarray:
+    """An init image as (3, H, W) in [-1, 1] at the job's size (A1111 'Just resize' with Lanczos)."""
+    if resize_mode != 0:
+        raise InvalidRequestError(f"resize_mode {resize_mode} is not supported yet; use 0 (Just resize)")
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return np.moveaxis(array, 2, 0) * 2.0 - 1.0
+
+
+class Engine:
+    """Loads models from a folder once and runs generation jobs, one at a time per caller's lock."""
+
+    def __init__(self, models_dir: str | Path, device: str = "cpu", default_model: str | None = None,
+                 threads: int = 0):
+        self.models_dir = Path(models_dir)
+        self.device = device
+        self.threads = threads
+        self.available = scan_models(self.models_dir)
+        self._loaded: dict[str, OnnxModel] = {}
+        self._lock = threading.Lock()
+        self.current = self.find_model(default_model) if default_model else self.available[0]
+
+    def refresh(self) -> None:
+        self.available = scan_models(self.models_dir)
+
+    def find_model(self, wanted: str) -> ModelInfo:
+        for info in self.available:
+            if info.matches(wanted):
+                return info
+        names = ", ".join(i.title for i in self.available)
+        raise ModelNotFoundError(f"model {wanted!r} not found; available models: {names}")
+
+    def load(self, wanted: str | None = None) -> OnnxModel:
+        info = self.find_model(wanted) if wanted else self.current
+        with self._lock:
+            if info.name not in self._loaded:
+                self._loaded[info.name] = OnnxModel(info, self.device, self.threads)
+            return self._loaded[info.name]
+
+    def unload(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+
+    def generate(self, req: GenerationRequest, control: JobControl | None = None) -> GenerationResult:
+        control = control or JobControl()
+        sampler, schedule = validate(req)
+        model = self.load(req.model)
+        seed, subseed = resolve_seed(req.seed), resolve_seed(req.subseed)
+        total = req.batch_size * req.n_iter
+        seeds = [seed + (0 if req.subseed_strength else i) for i in range(total)]
+        subseeds = [subseed + i for i in range(total)]
+        init_latent = None
+        if req.init_images is not None:
+            if not req.init_images:
+                raise InvalidRequestError("init_images is empty: img2img needs at least one image")
+            pixels = np.stack([_to_image_array(im, req.width, req.height, req.resize_mode)
+                               for im in req.init_images])
+            init_latent = model.vae_encode(pixels)
+        images, floats, interrupted = [], [], False
+        control.job_count, control.job_no = req.n_iter, 0
+        for n in range(req.n_iter):
+            if control.interrupted:
+                break
+            control.skipped = False
+            control.job_no = n
+            batch = slice(n * req.batch_size, (n + 1) * req.batch_size)
+            latent_init = None
+            if init_latent is not None:
+                # As A1111: the init images repeat over the batch when fewer than batch_size were sent.
+                idx = [i % len(init_latent) for i in range(req.batch_size)]
+                latent_init = init_latent[idx]
+            latents, stopped = self._sample_batch(model, req, sampler, schedule, seeds[batch],
+                                                  subseeds[batch], latent_init, control)
+            interrupted |= stopped and control.interrupted
+            for latent in latents:
+                image = self._decode(model, latent)
+                floats.append(image)
+                images.append(Image.fromarray((image * 255).astype(np.uint8)))
+        control.sampling_step = control.sampling_steps
+        return GenerationResult(
+            images=images, float_images=floats, seeds=seeds[: len(images)], subseeds=subseeds[: len(images)],
+            prompts=[req.prompt] * len(images), negative_prompts=[req.negative_prompt] * len(images),
+            sampler_name=sampler.name, schedule_label=schedule.label if schedule else None,
+            model=model.info, request=req, interrupted=interrupted,
+        )
+
+    def _sample_batch(self, model, req, sampler, schedule, seeds, subseeds, init_latent, control):
+        shape = (4, req.height // 8, req.width // 8)
+        rng = ImageRNG(shape, seeds, subseeds=subseeds, subseed_strength=req.subseed_strength,
+                       seed_resize_from_h=req.seed_resize_from_h, seed_resize_from_w=req.seed_resize_from_w,
+                       source=req.noise_source, eta_noise_seed_delta=req.eta_noise_seed_delta)
+        noise = rng.first()
+        context = encode_prompts(model, [req.prompt] * len(seeds) + [req.negative_prompt] * len(seeds))
+        denoiser = CFGDenoiser(model, context[: len(seeds)], context[len(seeds):], req.cfg_scale, control)
+        control.current_latent = None
+
+        def on_step(info: dict) -> None:
+            control._step(info["i"] + 1, info["denoised"])
+
+        try:
+            if sampler.kind == "timesteps":
+                x = self._run_timesteps(model, req, sampler, noise, init_latent, rng, denoiser, control, on_step)
+            else:
+                x = self._run_sigmas(model, req, sampler, schedule, noise, init_latent, rng, denoiser,
+                                     control, on_step)
+            stopped = False
+        except Interrupted:
+            # As A1111: an interrupted batch still returns an image, from the last prediction.
+            x = control.current_latent if control.current_latent is not None else noise
+            stopped = True
+        if np.isnan(x).all():
+            raise NaNError("a tensor with all NaNs was produced by the UNet (try fp32 or a lower cfg_scale)")
+        return x, stopped
+
+    def _run_sigmas(self, model, req, sampler, schedule, noise, init_latent, rng, denoiser, control, on_step):
+        schedule = schedule or schedules.find_schedule(sampler.default_schedule)
+        sigmas = schedule.sigmas(req.steps, model.sigmas, sampler.discard_next_to_last_sigma)
+        if init_latent is not None:
+            t_enc = samplers_mod.img2img_steps(req.steps, req.denoising_strength)
+            sigmas = sigmas[req.steps - t_enc - 1:]
+            x = init_latent + noise * sigmas[0]
+        else:
+            x = noise * sigmas[0]
+        control.sampling_steps = len(sigmas) - 1
+        kwargs = {}
+        if sampler.uses_eta:
+            kwargs["eta"] = req.eta if req.eta is not None else req.eta_ancestral
+        if sampler.function is samplers_mod.sample_euler:
+            kwargs.update(s_churn=req.s_churn, s_tmin=req.s_tmin, s_noise=req.s_noise,
+                          s_tmax=req.s_tmax or float("inf"))
+        return sampler.function(denoiser, x, sigmas, rng.next, on_step, **kwargs)
+
+    def _run_timesteps(self, model, req, sampler, noise, init_latent, rng, denoiser, control, on_step):
+        timesteps = samplers_mod.ddim_timesteps(req.steps, model.num_train_timesteps)
+        ac = model.sigmas.alphas_cumprod
+        if init_latent is not None:
+            t_enc = samplers_mod.img2img_steps(req.steps, req.denoising_strength)
+            a = np.float32(ac[timesteps[t_enc]])
+            x = init_latent * np.sqrt(a) + noise * np.sqrt(np.float32(1) - a)
+            timesteps = timesteps[:t_enc]
+        else:
+            x = noise
+        control.sampling_steps = max(len(timesteps) - 1, 0)
+        eta = req.eta if req.eta is not None else req.eta_ddim
+        return sampler.function(denoiser.eps, x, timesteps, ac, rng.next, on_step, eta=eta)
+
+    @staticmethod
+    def _decode(model: OnnxModel, latent: np.ndarray) -> np.ndarray:
+        decoded = model.vae_decode(latent[None])[0]
+        if np.isnan(decoded).all():
+            raise NaNError("a tensor with all NaNs was produced by the VAE")
+        return np.clip((np.moveaxis(decoded, 0, 2) + 1.0) / 2.0, 0.0, 1.0)

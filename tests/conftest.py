@@ -1,0 +1,36 @@
+"""Shared fixtures: the committed tiny ONNX model and, for references, the same model in diffusers form."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MODELS_DIR = FIXTURES / "models"
+TINY_MODEL = MODELS_DIR / "tiny-sd"
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx() -> Path:
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers(tmp_path_factory) -> Path:
+    """The tiny model rebuilt in diffusers form from its seed; checked to be the one the ONNX came from."""
+    from models_export import tiny
+    from models_export.onnx_export import diffusers_folder_sha256
+
+    out = tmp_path_factory.mktemp("tiny-diffusers")
+    tiny.build(out, seed=0, tokenizer_from=TINY_MODEL / "tokenizer")
+    manifest = json.loads((TINY_MODEL / "sdfc.json").read_text())
+    assert diffusers_folder_sha256(out) == manifest["source"]["sha256"], \
+        "rebuilt tiny model differs from the committed ONNX fixture: run `make tiny-model`"
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from sdfc.engine import Engine
+    return Engine(MODELS_DIR)
