@@ -20,8 +20,29 @@ def main(argv: list[str] | None = None) -> int:
             return export_main(argv[1:])
         from bench.run import main as bench_main
         return bench_main(argv[1:])
-    parser.parse_args(argv)
+    serve = sub.add_parser("serve", help="serve the A1111 API (and every local part) with gunicorn")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--threads", type=int, default=4)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     return 2
+
+
+def _serve(args) -> int:
+    from .app import create_app
+    from .config import ConfigError, Settings
+    from .server import serve
+
+    try:
+        settings = Settings.from_env()
+        settings.check_listen(args.host)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    serve(create_app(settings), args.host, args.port, threads=args.threads)
+    return 0
 
 
 if __name__ == "__main__":

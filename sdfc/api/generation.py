@@ -1,0 +1,213 @@
+"""txt2img / img2img: an A1111 request (already validated) → engine job → A1111 response.
+
+Routes stay thin: they parse and call `run_generation`; this module owns the translation both ways.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+
+from ..engine import GenerationRequest, GenerationResult, InvalidRequestError, JobControl, ModelNotFoundError
+from ..engine import samplers as engine_samplers
+from ..engine import schedules as engine_schedules
+from .errors import ApiError
+from .images import ImageDecodeError, decode_image, encode_image_bytes
+from .infotext import SDFC_VERSION, create_infotext, info_json
+from .state import ApiState
+from .styles import apply_styles
+
+log = logging.getLogger("sdfc.api")
+
+# Features A1111 has that sdfc does not (yet): refused clearly instead of silently ignored.
+UNSUPPORTED_FLAGS = {
+    "enable_hr": "hires fix (enable_hr) is not supported by sdfc yet",
+    "restore_faces": "face restoration is not supported by sdfc",
+    "tiling": "tiling is not supported by sdfc yet",
+}
+
+
+def _value(values: dict, key: str, fallback):
+    """A request value, with A1111's "null means default" rule."""
+    v = values.get(key)
+    return fallback if v is None else v
+
+
+def _check_unsupported(values: dict, mode: str) -> None:
+    for key, message in UNSUPPORTED_FLAGS.items():
+        if values.get(key):
+            raise ApiError(400, message, error="NotImplementedError")
+    if values.get("script_name"):
+        raise ApiError(422, f"Script '{values['script_name']}' not found")
+    for name in (values.get("alwayson_scripts") or {}):
+        raise ApiError(422, f"Script '{name}' not found")
+    if mode == "img2img" and values.get("mask"):
+        raise ApiError(400, "inpainting (mask) is not supported by sdfc yet", error="NotImplementedError")
+
+
+def _check_limits(state: ApiState, req: GenerationRequest) -> None:
+    s = state.settings
+    if req.width * req.height > s.max_pixels:
+        raise ApiError(400, f"image size {req.width}x{req.height} exceeds the limit of {s.max_pixels} pixels "
+                            "(SDFC_MAX_PIXELS)", error="LimitExceeded")
+    if req.steps > s.max_steps:
+        raise ApiError(400, f"steps {req.steps} exceeds the limit of {s.max_steps} (SDFC_MAX_STEPS)",
+                       error="LimitExceeded")
+    if req.batch_size * req.n_iter > s.max_images:
+        raise ApiError(400, f"batch_size × n_iter = {req.batch_size * req.n_iter} exceeds the limit of "
+                            f"{s.max_images} images per request (SDFC_MAX_IMAGES)", error="LimitExceeded")
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(req, name)) > s.max_prompt_chars:
+            raise ApiError(400, f"{name} is longer than {s.max_prompt_chars} characters", error="LimitExceeded")
+
+
+def _model_override(state: ApiState, options: dict, overrides: dict | None) -> str | None:
+    wanted = (overrides or {}).get("sd_model_checkpoint")
+    name = wanted or options.get("sd_model_checkpoint")
+    if not name:
+        return None
+    try:
+        return state.engine.find_model(name).name
+    except ModelNotFoundError as exc:
+        raise ApiError(400, str(exc), error="RuntimeError") from None
+
+
+def build_request(state: ApiState, values: dict, mode: str, options: dict) -> GenerationRequest:
+    _check_unsupported(values, mode)
+    init_images = None
+    if mode == "img2img":
+        if not values.get("init_images"):
+            raise ApiError(404, "Init image not found")
+        try:
+            init_images = [decode_image(v) for v in values["init_images"]]
+        except ImageDecodeError as exc:
+            raise ApiError(400, f"Invalid encoded image: {exc}") from None
+    prompt, negative = apply_styles(state.settings.styles_file, values.get("styles"),
+                                    _value(values, "prompt", ""), _value(values, "negative_prompt", ""))
+    req = GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=_value(values, "width", 512), height=_value(values, "height", 512),
+        steps=_value(values, "steps", 50), cfg_scale=_value(values, "cfg_scale", 7.0),
+        sampler_name=values.get("sampler_name") or _value(values, "sampler_index", "Euler"),
+        scheduler=values.get("scheduler"),
+        seed=_value(values, "seed", -1), subseed=_value(values, "subseed", -1),
+        subseed_strength=_value(values, "subseed_strength", 0.0),
+        seed_resize_from_w=_value(values, "seed_resize_from_w", -1),
+        seed_resize_from_h=_value(values, "seed_resize_from_h", -1),
+        batch_size=_value(values, "batch_size", 1), n_iter=_value(values, "n_iter", 1),
+        eta=values.get("eta"),
+        eta_ancestral=float(options["eta_ancestral"]), eta_ddim=float(options["eta_ddim"]),
+        # As in A1111 1.10, k-diffusion samplers read churn/noise from the options, not the request.
+        s_churn=float(options["s_churn"]), s_tmin=float(options["s_tmin"]),
+        s_tmax=float(options["s_tmax"]), s_noise=float(options["s_noise"]),
+        noise_source=options["randn_source"],
+        eta_noise_seed_delta=int(options["eta_noise_seed_delta"]),
+        model=_model_override(state, options, values.get("override_settings")),
+        init_images=init_images,
+        denoising_strength=_value(values, "denoising_strength", 0.75),
+        resize_mode=_value(values, "resize_mode", 0),
+    )
+    _check_limits(state, req)
+    return req
+
+
+def _schedule_label(result: GenerationResult) -> str:
+    if result.schedule_label:
+        return result.schedule_label
+    default = engine_samplers.find_sampler(result.sampler_name).options.get("scheduler")
+    return engine_schedules.find_schedule(default).label if default else "Automatic"
+
+
+def infotext_params(result: GenerationResult, index: int, options: dict, mode: str) -> dict:
+    req = result.request
+    sampler = engine_samplers.find_sampler(result.sampler_name)
+    eta = req.eta if req.eta is not None else (req.eta_ddim if sampler.kind == "timesteps" else req.eta_ancestral)
+    default_eta = 0.0 if sampler.kind == "timesteps" else 1.0
+    params = {
+        "Steps": req.steps,
+        "Sampler": result.sampler_name,
+        "Schedule type": _schedule_label(result),
+        "CFG scale": req.cfg_scale,
+        "Seed": result.seeds[index],
+        "Size": f"{req.width}x{req.height}",
+        "Model hash": result.model.short_hash if options["add_model_hash_to_info"] else None,
+        "Model": result.model.name if options["add_model_name_to_info"] else None,
+        "Variation seed": result.subseeds[index] if req.subseed_strength else None,
+        "Variation seed strength": req.subseed_strength or None,
+        "Seed resize from": f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
+        if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None,
+        "Denoising strength": req.denoising_strength if mode == "img2img" else None,
+        "ENSD": req.eta_noise_seed_delta if req.eta_noise_seed_delta and sampler.options.get("uses_ensd") else None,
+        "RNG": req.noise_source if req.noise_source != "GPU" else None,
+        # A1111 names the DDIM family's eta "Eta DDIM" and the k-diffusion one "Eta".
+        ("Eta DDIM" if sampler.kind == "timesteps" else "Eta"):
+            eta if sampler.uses_eta and eta != default_eta else None,
+        "Version": SDFC_VERSION if options["add_version_to_infotext"] else None,
+    }
+    return params
+
+
+def build_response(state: ApiState, values: dict, mode: str, result: GenerationResult, options: dict,
+                   timestamp: str, request_id: str) -> tuple[dict, list[dict]]:
+    """The A1111 response and one record per image for the records room."""
+    req = result.request
+    fmt = options["samples_format"]
+    infotexts, images, records = [], [], []
+    for i, image in enumerate(result.images):
+        text = create_infotext(result.prompts[i], result.negative_prompts[i],
+                               infotext_params(result, i, options, mode))
+        infotexts.append(text)
+        data = encode_image_bytes(image, fmt, text if options["enable_pnginfo"] else None,
+                                  jpeg_quality=int(options["jpeg_quality"]))
+        images.append(data)
+        records.append({
+            "request_id": request_id, "image_index": i, "prompt": result.prompts[i],
+            "negative_prompt": result.negative_prompts[i], "steps": req.steps, "seed": result.seeds[i],
+            "sampler": result.sampler_name, "cfg_scale": req.cfg_scale, "size": f"{req.width}x{req.height}",
+            "model_hash": result.model.short_hash, "model": result.model.name, "infotext": text,
+            "image_format": fmt, "image_bytes": data,
+        })
+    info = info_json(
+        prompt=req.prompt, negative_prompt=req.negative_prompt, seed=result.seeds[0] if result.seeds else req.seed,
+        subseed=result.subseeds[0] if result.subseeds else req.subseed, subseed_strength=req.subseed_strength,
+        width=req.width, height=req.height, sampler_name=result.sampler_name, cfg_scale=req.cfg_scale,
+        steps=req.steps, infotexts=infotexts, all_prompts=result.prompts,
+        all_negative_prompts=result.negative_prompts, all_seeds=result.seeds, all_subseeds=result.subseeds,
+        batch_size=req.batch_size, sd_model_name=result.model.name, sd_model_hash=result.model.short_hash,
+        seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h,
+        denoising_strength=req.denoising_strength if mode == "img2img" else values.get("denoising_strength"),
+        extra_generation_params={"Schedule type": _schedule_label(result)}, styles=values.get("styles") or [],
+        job_timestamp=timestamp, clip_skip=int(options["CLIP_stop_at_last_layers"]),
+    )
+    parameters = dict(values)
+    if mode == "img2img" and not values.get("include_init_images"):
+        parameters["init_images"] = None
+        parameters["mask"] = None
+    encoded = [base64.b64encode(d).decode("ascii") for d in images] if _value(values, "send_images", True) else []
+    return {"images": encoded, "parameters": parameters, "info": info}, records
+
+
+def run_generation(state: ApiState, values: dict, mode: str, request_id: str | None = None) -> dict:
+    request_id = request_id or uuid.uuid4().hex
+    options = state.options.with_overrides(values.get("override_settings"))
+    req = build_request(state, values, mode, options)
+    control = JobControl()
+    with state.queue:
+        state.start_job(f"scripts_{mode}", control)
+        try:
+            result = state.engine.generate(req, control)
+        except InvalidRequestError as exc:
+            raise ApiError(400, str(exc), error="ValueError") from None
+        finally:
+            timestamp = state.job.timestamp
+            state.end_job()
+        if values.get("override_settings") and values.get("override_settings_restore_afterwards") is False:
+            state.options.update({k: v for k, v in values["override_settings"].items()
+                                  if k in options and k != "sd_model_checkpoint"})
+    response, records = build_response(state, values, mode, result, options, timestamp, request_id)
+    if state.on_images is not None:
+        state.on_images(records)
+    log.info("generated %d image(s) in request %s", len(result.images), request_id)
+    return response
+

@@ -1,0 +1,345 @@
+"""The `/sdapi/v1` blueprint: A1111 v1.10's route table (a1111-api.md §1.2), thin handlers.
+
+Generation routes take the FIFO queue; progress, interrupt, skip, options and the list routes do not,
+so they answer while a job runs.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import numpy as np
+from flask import Blueprint, Response, current_app, g, request
+from PIL import Image
+
+from ..engine import ModelNotFoundError
+from ..engine import samplers as engine_samplers
+from ..engine import schedules as engine_schedules
+from . import payloads
+from .errors import ApiError, ValidationFailed, json_response
+from .extras import run_extras_batch, run_extras_single, UPSCALERS
+from .generation import run_generation
+from .images import ImageDecodeError, decode_image, read_infotext
+from .infotext import parse_generation_parameters
+from .state import ApiState
+from .styles import load_styles
+
+bp = Blueprint("sdapi", __name__, url_prefix="/sdapi/v1")
+
+NOT_SUPPORTED = {
+    "interrogate": "interrogate (CLIP/DeepBooru captioning) is not supported by sdfc",
+    "create/embedding": "creating embeddings is not supported by sdfc",
+    "create/hypernetwork": "creating hypernetworks is not supported by sdfc",
+    "train/embedding": "training is not supported by sdfc",
+    "train/hypernetwork": "training is not supported by sdfc",
+    "server-kill": "server control routes are not available: FC manages instances",
+    "server-restart": "server control routes are not available: FC manages instances",
+    "server-stop": "server control routes are not available: FC manages instances",
+}
+
+# Latent-space approximation of the SD 1.x VAE (A1111's "Approx cheap" preview): latent → RGB.
+PREVIEW_COEFFICIENTS = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173],
+                                 [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]], dtype=np.float32)
+
+
+def state() -> ApiState:
+    return current_app.extensions["sdfc"]
+
+
+def body_json():
+    """The request body as JSON, or FastAPI's 422 for malformed JSON."""
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise ValidationFailed([{"loc": ["body"], "msg": "field required", "type": "value_error.missing"}])
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        pos = getattr(exc, "pos", 0)
+        raise ValidationFailed([{"loc": ["body", pos], "msg": str(exc).split(":")[0],
+                                 "type": "value_error.jsondecode",
+                                 "ctx": {"msg": str(exc).split(":")[0], "pos": pos}}]) from None
+
+
+def parse(model):
+    values, errors = model.parse(body_json())
+    if errors:
+        raise ValidationFailed(errors)
+    return values
+
+
+def _generate(mode: str, model):
+    values = parse(model)
+    g.log_extra = {"steps": values.get("steps"), "size": f"{values.get('width')}x{values.get('height')}"}
+    with state().track():
+        return json_response(run_generation(state(), values, mode, request_id=g.get("request_id")))
+
+
+@bp.post("/txt2img")
+def txt2img():
+    return _generate("txt2img", payloads.TXT2IMG)
+
+
+@bp.post("/img2img")
+def img2img():
+    return _generate("img2img", payloads.IMG2IMG)
+
+
+@bp.post("/extra-single-image")
+def extra_single_image():
+    values = parse(payloads.EXTRAS_SINGLE)
+    with state().track(), state().queue:
+        return json_response(run_extras_single(values))
+
+
+@bp.post("/extra-batch-images")
+def extra_batch_images():
+    values = parse(payloads.EXTRAS_BATCH)
+    with state().track(), state().queue:
+        return json_response(run_extras_batch(values))
+
+
+@bp.post("/png-info")
+def png_info():
+    values = parse(payloads.PNG_INFO)
+    if not (values["image"] or "").strip():
+        raise ApiError(400, "Invalid encoded image: the image is empty")
+    try:
+        image = decode_image(values["image"])
+    except ImageDecodeError as exc:
+        raise ApiError(400, f"Invalid encoded image: {exc}") from None
+    info, items = read_infotext(image)
+    info = info or ""
+    return json_response({"info": info, "items": items,
+                          "parameters": parse_generation_parameters(info) if info else {}})
+
+
+def _preview(latent) -> str | None:
+    if latent is None:
+        return None
+    rgb = np.einsum("chw,cr->hwr", latent[0], PREVIEW_COEFFICIENTS)
+    pixels = (np.clip((rgb + 1) / 2, 0, 1) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@bp.get("/progress")
+def progress():
+    st = state()
+    job = st.job
+    skip_image = request.args.get("skip_current_image", "false").lower() in ("1", "true", "yes")
+    idle_state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                  "job_count": 0, "job_timestamp": st.last_job_timestamp or "0", "job_no": 0,
+                  "sampling_step": 0, "sampling_steps": 0}
+    if job is None:
+        return json_response({"progress": 0.0, "eta_relative": 0.0, "state": idle_state,
+                              "current_image": None, "textinfo": None})
+    c = job.control
+    done = min(0.01 + c.progress, 1.0) if c.job_count else 0.01
+    elapsed = time.time() - job.started
+    options = st.options.snapshot()
+    image = None if skip_image or not options["live_previews_enable"] else _preview(c.current_latent)
+    return json_response({
+        "progress": done, "eta_relative": elapsed / done - elapsed,
+        "state": {"skipped": c.skipped, "interrupted": c.interrupted, "stopping_generation": False,
+                  "job": job.name, "job_count": c.job_count, "job_timestamp": job.timestamp,
+                  "job_no": c.job_no, "sampling_step": c.sampling_step, "sampling_steps": c.sampling_steps},
+        "current_image": image, "textinfo": None,
+    })
+
+
+@bp.post("/interrupt")
+def interrupt():
+    job = state().job
+    if job is not None:
+        job.control.interrupt()
+    return json_response({})
+
+
+@bp.post("/skip")
+def skip():
+    job = state().job
+    if job is not None:
+        job.control.skip()
+    return json_response(None)
+
+
+@bp.get("/options")
+def get_options():
+    st = state()
+    st.engine  # noqa: B018 - loads the model so that sd_model_checkpoint is known
+    return json_response(st.options.snapshot())
+
+
+@bp.post("/options")
+def set_options():
+    values = body_json()
+    if not isinstance(values, dict):
+        raise ValidationFailed([{"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"}])
+    st = state()
+    checkpoint = values.pop("sd_model_checkpoint", None)
+    st.options.update(values)
+    if checkpoint:
+        try:
+            info = st.engine.find_model(checkpoint)
+        except ModelNotFoundError as exc:
+            raise ApiError(400, str(exc), error="RuntimeError") from None
+        with st.queue:  # as A1111: a model switch waits behind the running job
+            st.engine.load(info.name)
+            st.engine.current = info
+            st.options.update(st.model_options())
+    return json_response(None)
+
+
+@bp.get("/cmd-flags")
+def cmd_flags():
+    s = state().settings
+    # Only what is safe to show: never credentials (A1111 leaks them here, issue #17411).
+    return json_response({
+        "api": True, "nowebui": False, "api_auth": None, "gradio_auth": None, "listen": None,
+        "port": None, "ckpt_dir": str(s.models_dir), "cors_allow_origins": ",".join(s.cors_origins) or None,
+        "device": s.device, "api_log": True, "no_half": True, "skip_torch_cuda_test": True,
+    })
+
+
+@bp.get("/samplers")
+def samplers():
+    return json_response([{"name": s.name, "aliases": list(s.aliases), "options": s.options}
+                          for s in engine_samplers.SAMPLERS])
+
+
+@bp.get("/schedulers")
+def schedulers():
+    rows = [{"name": "automatic", "label": engine_schedules.AUTOMATIC, "aliases": None, "default_rho": -1.0,
+             "need_inner_model": False}]
+    rows += [{"name": s.name, "label": s.label, "aliases": None, "default_rho": 7.0 if s.name == "karras" else -1.0,
+              "need_inner_model": s.name == "uniform"} for s in engine_schedules.SCHEDULES]
+    return json_response(rows)
+
+
+@bp.get("/upscalers")
+def upscalers():
+    return json_response([{"name": name, "model_name": None, "model_path": None, "model_url": None,
+                           "scale": 4.0} for name in UPSCALERS])
+
+
+@bp.get("/latent-upscale-modes")
+def latent_upscale_modes():
+    return json_response([])
+
+
+@bp.get("/sd-models")
+def sd_models():
+    return json_response([{"title": m.title, "model_name": m.name, "hash": m.short_hash, "sha256": m.sha256,
+                           "filename": str(m.path), "config": None} for m in state().engine.available])
+
+
+@bp.get("/sd-vae")
+def sd_vae():
+    return json_response([])
+
+
+@bp.get("/hypernetworks")
+def hypernetworks():
+    return json_response([])
+
+
+@bp.get("/face-restorers")
+def face_restorers():
+    return json_response([])
+
+
+@bp.get("/realesrgan-models")
+def realesrgan_models():
+    return json_response([])
+
+
+@bp.get("/prompt-styles")
+def prompt_styles():
+    return json_response(load_styles(state().settings.styles_file))
+
+
+@bp.get("/embeddings")
+def embeddings():
+    return json_response({"loaded": {}, "skipped": {}})
+
+
+@bp.get("/loras")
+def loras():
+    return json_response([])
+
+
+@bp.get("/scripts")
+def scripts():
+    return json_response({"txt2img": [], "img2img": []})
+
+
+@bp.get("/script-info")
+def script_info():
+    return json_response([])
+
+
+@bp.get("/extensions")
+def extensions():
+    return json_response([])
+
+
+@bp.get("/memory")
+def memory():
+    try:
+        info = _meminfo()
+        ram = {"free": info["MemAvailable"], "used": info["MemTotal"] - info["MemAvailable"],
+               "total": info["MemTotal"]}
+    except (OSError, KeyError) as exc:
+        ram = {"error": str(exc)}
+    return json_response({"ram": ram, "cuda": {"error": "unavailable"}})
+
+
+def _meminfo() -> dict[str, int]:
+    values = {}
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+@bp.post("/refresh-checkpoints")
+def refresh_checkpoints():
+    state().engine.refresh()
+    return json_response(None)
+
+
+@bp.post("/refresh-vae")
+@bp.post("/refresh-embeddings")
+@bp.post("/refresh-loras")
+def refresh_noop():
+    return json_response(None)
+
+
+@bp.post("/unload-checkpoint")
+def unload_checkpoint():
+    with state().queue:
+        state().engine.unload()
+    return json_response({})
+
+
+@bp.post("/reload-checkpoint")
+def reload_checkpoint():
+    with state().queue:
+        state().engine.load()
+    return json_response({})
+
+
+def _not_supported(route: str):
+    def handler():
+        raise ApiError(501, NOT_SUPPORTED[route], error="NotImplementedError")
+    handler.__name__ = "not_supported_" + route.replace("/", "_").replace("-", "_")
+    return handler
+
+
+for _route in NOT_SUPPORTED:
+    bp.add_url_rule(f"/{_route}", view_func=_not_supported(_route), methods=["POST"])
+
