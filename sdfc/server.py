@@ -21,6 +21,11 @@ class _Gunicorn(BaseApplication):
     def load(self):
         return self._app
 
+    @staticmethod
+    def settings_names() -> set[str]:
+        from gunicorn.config import KNOWN_SETTINGS
+        return {s.name for s in KNOWN_SETTINGS}
+
 
 def serve(app, host: str, port: int, threads: int = 4, timeout: int = 0) -> None:
     options = {
@@ -32,5 +37,8 @@ def serve(app, host: str, port: int, threads: int = 4, timeout: int = 0) -> None
         "accesslog": None,   # the app writes one structured line per request itself
         "loglevel": "info",
     }
+    if "control_socket_disable" in _Gunicorn.settings_names():
+        # gunicorn >= 24 opens a management socket in $HOME; several servers on one host would share it.
+        options["control_socket_disable"] = True
     log.info("sdfc listening on http://%s:%d", host, port)
     _Gunicorn(app, options).run()
