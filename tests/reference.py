@@ -78,6 +78,9 @@ class ReferencePipeline:
         return self.text_encoder(ids).last_hidden_state
 
     def sigmas(self, steps: int, schedule: str) -> torch.Tensor:
+        if schedule.endswith("-discard"):  # A1111: one more step, then drop the penultimate sigma
+            sigmas = self.sigmas(steps + 1, schedule.removesuffix("-discard"))
+            return torch.cat([sigmas[:-2], sigmas[-1:]])
         if schedule == "karras":
             return self.sampling.get_sigmas_karras(steps, self.denoiser.sigmas[0].item(),
                                                    self.denoiser.sigmas[-1].item(), device="cpu")

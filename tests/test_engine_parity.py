@@ -85,3 +85,20 @@ def test_combined_sampler_name_is_split(engine, reference):
     assert (result.sampler_name, result.schedule_label) == ("Euler a", "Karras")
     expected = _reference_images(reference, "euler_ancestral", "karras", [5])
     assert _max_diff(result.float_images, expected) <= TOLERANCE
+
+
+# The rest of the k-diffusion samplers A1111 runs, each with its Automatic schedule.
+MORE_SAMPLERS = [
+    ("LMS", "lms", "uniform"),
+    ("Heun", "heun", "uniform"),
+    ("DPM2", "dpm_2", "karras-discard"),
+    ("DPM2 a", "dpm_2_ancestral", "karras-discard"),
+    ("DPM++ 2S a", "dpmpp_2s_ancestral", "karras"),
+]
+
+
+@pytest.mark.parametrize("sampler,function,schedule", MORE_SAMPLERS)
+def test_more_samplers_match_reference(engine, reference, sampler, function, schedule):
+    result = engine.generate(_request(sampler, seed=77, batch_size=2))
+    expected = _reference_images(reference, function, schedule, [77, 78])
+    assert _max_diff(result.float_images, expected) <= TOLERANCE

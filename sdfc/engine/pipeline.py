@@ -6,6 +6,7 @@ and interrupt/skip in, so that other threads (the HTTP progress route) can watch
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -317,9 +318,11 @@ class Engine:
         kwargs = {}
         if sampler.uses_eta:
             kwargs["eta"] = req.eta if req.eta is not None else req.eta_ancestral
-        if sampler.function is samplers_mod.sample_euler:
-            kwargs.update(s_churn=req.s_churn, s_tmin=req.s_tmin, s_noise=req.s_noise,
-                          s_tmax=req.s_tmax or float("inf"))
+        # As A1111: churn and noise scale go to every sampler whose signature takes them.
+        extra = {"s_churn": req.s_churn, "s_tmin": req.s_tmin, "s_tmax": req.s_tmax or float("inf"),
+                 "s_noise": req.s_noise}
+        accepted = inspect.signature(sampler.function).parameters
+        kwargs.update({k: v for k, v in extra.items() if k in accepted})
         return sampler.function(denoiser, x, sigmas, rng.next, on_step, **kwargs)
 
     def _run_timesteps(self, model, req, sampler, noise, init_latent, rng, denoiser, control, on_step):

@@ -76,6 +76,106 @@ def exponential(n: int, model: ModelSigmas) -> np.ndarray:
     return _append_zero(np.exp(np.linspace(np.log(model.sigma_max), np.log(model.sigma_min), n)))
 
 
+def polyexponential(n: int, model: ModelSigmas, rho: float = 1.0) -> np.ndarray:
+    ramp = np.linspace(1, 0, n) ** rho
+    log_min, log_max = np.log(model.sigma_min), np.log(model.sigma_max)
+    return _append_zero(np.exp(ramp * (log_max - log_min) + log_min))
+
+
+def sgm_uniform(n: int, model: ModelSigmas) -> np.ndarray:
+    """Evenly spaced timesteps from σ_max's down to σ_min's, excluding the last (SGM's "trailing")."""
+    t = np.linspace(model.sigma_to_t(model.sigma_max), model.sigma_to_t(model.sigma_min), n + 1)[:-1]
+    return _append_zero(model.t_to_sigma(t))
+
+
+def normal(n: int, model: ModelSigmas) -> np.ndarray:
+    t = np.linspace(model.sigma_to_t(model.sigma_max), model.sigma_to_t(model.sigma_min), n)
+    return _append_zero(model.t_to_sigma(t))
+
+
+def kl_optimal(n: int, model: ModelSigmas) -> np.ndarray:
+    """Ends at σ_min with no appended 0: the last step does not denoise to zero (§4)."""
+    frac = np.arange(n + 1, dtype=np.float64) / n
+    return np.tan(frac * np.arctan(model.sigma_min) + (1 - frac) * np.arctan(model.sigma_max)).astype(np.float32)
+
+
+# Align Your Steps' published 10-step lists (11 values, σ_max first).
+AYS_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+AYS_SDXL = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]
+
+
+def align_your_steps(n: int, model: ModelSigmas, sdxl: bool = False) -> np.ndarray:
+    points = AYS_SDXL if sdxl else AYS_SD15
+    if n == len(points):
+        return _append_zero(points)
+    # Resample log σ linearly onto n points.
+    ys = np.log(points[::-1])
+    resampled = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(points)), ys))[::-1]
+    return _append_zero(resampled)
+
+
+def simple(n: int, model: ModelSigmas) -> np.ndarray:
+    stride = len(model.sigmas) / n
+    return _append_zero([model.sigmas[-(1 + int(k * stride))] for k in range(n)])
+
+
+def ddim(n: int, model: ModelSigmas) -> np.ndarray:
+    """The DDIM grid's sigmas; more than n of them when 1000 % n != 0 (§4)."""
+    stride = max(len(model.sigmas) // n, 1)
+    return _append_zero(model.sigmas[1::stride][::-1])
+
+
+def beta(n: int, model: ModelSigmas, alpha: float = 0.6, beta_: float = 0.6) -> np.ndarray:
+    """Quantiles of Beta(0.6, 0.6) mapped linearly onto [σ_min, σ_max] (linear in σ, not in t)."""
+    quantiles = beta_ppf(1 - np.linspace(0, 1, n), alpha, beta_)
+    return _append_zero(model.sigma_min + quantiles * (model.sigma_max - model.sigma_min))
+
+
+def beta_ppf(q: np.ndarray, a: float, b: float, iterations: int = 100) -> np.ndarray:
+    """Inverse of the regularized incomplete beta function, by bisection (monotone, exact to 1e-15)."""
+    q = np.asarray(q, dtype=np.float64)
+    lo, hi = np.zeros_like(q), np.ones_like(q)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        below = regularized_incomplete_beta(mid, a, b) < q
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return np.where(q <= 0, 0.0, np.where(q >= 1, 1.0, (lo + hi) / 2))
+
+
+def regularized_incomplete_beta(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """I_x(a, b) from its continued fraction (Lentz's method), using the symmetry for x > (a+1)/(a+b+2)."""
+    x = np.asarray(x, dtype=np.float64)
+    flip = x > (a + 1) / (a + b + 2)
+    xs, aa, bb = np.where(flip, 1 - x, x), np.where(flip, b, a), np.where(flip, a, b)
+    with np.errstate(divide="ignore"):
+        log_front = (aa * np.log(xs) + bb * np.log1p(-xs) - _log_beta(aa, bb)) - np.log(aa)
+    value = np.exp(log_front) * _beta_continued_fraction(xs, aa, bb)
+    value = np.where(xs <= 0, 0.0, value)
+    return np.where(flip, 1 - value, value)
+
+
+def _log_beta(a, b):
+    from math import lgamma
+    lg = np.vectorize(lgamma)
+    return lg(a) + lg(b) - lg(a + b)
+
+
+def _beta_continued_fraction(x, a, b, terms: int = 300, tiny: float = 1e-300):
+    c = np.ones_like(x)
+    d = 1 - (a + b) * x / (a + 1)
+    d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+    h = d.copy()
+    for m in range(1, terms):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + numerator * d
+            d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+            c = 1 + numerator / c
+            c = np.where(np.abs(c) < tiny, tiny, c)
+            h = h * d * c
+    return h
+
+
 @dataclass(frozen=True)
 class Schedule:
     name: str   # A1111's internal name ("karras")
@@ -90,10 +190,19 @@ class Schedule:
         return np.concatenate([sigmas[:-2], sigmas[-1:]])
 
 
+# A1111 1.10's order, which /schedulers lists.
 SCHEDULES = [
     Schedule("uniform", "Uniform", uniform),
     Schedule("karras", "Karras", karras),
     Schedule("exponential", "Exponential", exponential),
+    Schedule("polyexponential", "Polyexponential", polyexponential),
+    Schedule("sgm_uniform", "SGM Uniform", sgm_uniform),
+    Schedule("kl_optimal", "KL Optimal", kl_optimal),
+    Schedule("align_your_steps", "Align Your Steps", align_your_steps),
+    Schedule("simple", "Simple", simple),
+    Schedule("normal", "Normal", normal),
+    Schedule("ddim", "DDIM", ddim),
+    Schedule("beta", "Beta", beta),
 ]
 AUTOMATIC = "Automatic"
 
