@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TINY := tests/fixtures/tiny-sd
+TINY := tests/fixtures/models/tiny-sd
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
@@ -26,7 +26,7 @@ test: $(STAMP)
 
 # Rebuild the committed tiny test model from its fixed seed (needs the export extra).
 tiny-model: $(STAMP)
-	$(BIN)/sdfc export tiny --out $(TINY)
+	$(BIN)/sdfc export tiny --out $(TINY) --tokenizer-from $(TINY)/tokenizer --no-validate
 
 bench: $(STAMP)
 	$(BIN)/sdfc bench

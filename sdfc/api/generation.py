@@ -102,6 +102,9 @@ def build_request(state: ApiState, values: dict, mode: str, options: dict) -> Ge
         s_churn=float(options["s_churn"]), s_tmin=float(options["s_tmin"]),
         s_tmax=float(options["s_tmax"]), s_noise=float(options["s_noise"]),
         noise_source=options["randn_source"],
+        emphasis=options["emphasis"],
+        clip_skip=int(options["CLIP_stop_at_last_layers"]),
+        comma_padding_backtrack=int(options["comma_padding_backtrack"]),
         eta_noise_seed_delta=int(options["eta_noise_seed_delta"]),
         model=_model_override(state, options, values.get("override_settings")),
         init_images=init_images,
@@ -138,6 +141,7 @@ def infotext_params(result: GenerationResult, index: int, options: dict, mode: s
         "Seed resize from": f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
         if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None,
         "Denoising strength": req.denoising_strength if mode == "img2img" else None,
+        "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "ENSD": req.eta_noise_seed_delta if req.eta_noise_seed_delta and sampler.options.get("uses_ensd") else None,
         "RNG": req.noise_source if req.noise_source != "GPU" else None,
         # A1111 names the DDIM family's eta "Eta DDIM" and the k-diffusion one "Eta".

@@ -17,6 +17,8 @@ import time
 from importlib import metadata
 from typing import Any, Mapping, Sequence
 
+from ..engine.prompt_parser import parse_prompt_attention
+
 # ---------------------------------------------------------------------------------------------
 # Version string
 # ---------------------------------------------------------------------------------------------
@@ -241,18 +243,6 @@ def _unquote(raw_value: str) -> str:
 
 # --- Emphasis detection: does any prompt fragment carry an attention weight other than 1? ---
 
-_ATTENTION_TOKEN_RE = re.compile(r"""
-    \\[()\[\]\\] | \\                       # escapes, lone backslash
-  | \( | \[                                 # openers
-  | :\s*([+-]?[.\d]+)\s*\)                  # ":<weight>)" closes a round bracket
-  | \) | \]                                 # closers
-  | [^\\()\[\]:]+ | :                       # text, lone colon
-""", re.VERBOSE)
-_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*")
-_ROUND_MULTIPLIER = 1.1
-_SQUARE_MULTIPLIER = 1 / 1.1
-
-
 def prompt_uses_emphasis(*prompts: str) -> bool:
     """True when A1111's attention parser would give some non-BREAK fragment a weight != 1.0.
 
@@ -262,47 +252,12 @@ def prompt_uses_emphasis(*prompts: str) -> bool:
     """
     for prompt in prompts:
         try:
-            fragments = _attention_fragments(prompt)
+            fragments = parse_prompt_attention(prompt)
         except ValueError:
             return True
         if any(weight != 1.0 for text, weight in fragments if text != "BREAK"):
             return True
     return False
-
-
-def _attention_fragments(text: str) -> list[list]:
-    fragments: list[list] = []  # [text, weight]; BREAK markers are ["BREAK", -1.0]
-    round_open: list[int] = []
-    square_open: list[int] = []
-
-    def multiply_from(start: int, factor: float) -> None:
-        for fragment in fragments[start:]:
-            fragment[1] *= factor
-
-    for match in _ATTENTION_TOKEN_RE.finditer(text):
-        token, weight = match.group(0), match.group(1)
-        if token.startswith("\\"):
-            fragments.append([token[1:], 1.0])
-        elif token == "(":
-            round_open.append(len(fragments))
-        elif token == "[":
-            square_open.append(len(fragments))
-        elif weight is not None and round_open:
-            multiply_from(round_open.pop(), float(weight))
-        elif token == ")" and round_open:
-            multiply_from(round_open.pop(), _ROUND_MULTIPLIER)
-        elif token == "]" and square_open:
-            multiply_from(square_open.pop(), _SQUARE_MULTIPLIER)
-        else:
-            for i, part in enumerate(_BREAK_RE.split(token)):
-                if i:
-                    fragments.append(["BREAK", -1.0])
-                fragments.append([part, 1.0])
-    for start in round_open:  # unclosed brackets reach to the end
-        multiply_from(start, _ROUND_MULTIPLIER)
-    for start in square_open:
-        multiply_from(start, _SQUARE_MULTIPLIER)
-    return fragments
 
 
 # --- Version back-compat flags ---

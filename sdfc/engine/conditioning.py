@@ -1,22 +1,79 @@
-"""Prompts to text-encoder hidden states (the cond and uncond tensors the UNet attends to)."""
+"""Prompts to the conditioning the CFG denoiser uses at each call, in A1111's prompt language.
+
+A prompt becomes, per AND sub-prompt, a schedule of texts (prompt editing and alternation switch the
+text at given denoiser calls); every distinct text of one schedule is encoded in one batch, because
+A1111's emphasis normalisation takes its mean over that batch (generation-semantics.md §1.5).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-BOS, EOS = 49406, 49407
-CONTEXT_LENGTH = 77
+from .prompt_chunks import PromptChunker, encode_texts, make_clip_encode_fn, pad_to_same_length
+from .prompt_parser import (get_learned_conditioning_prompt_schedules, get_multicond_prompt_list,
+                            schedule_index_at_call)
 
 
-def token_ids(tokenizer, text: str) -> np.ndarray:
-    """77 ids: BOS, up to 75 prompt tokens, EOS, EOS padding (CLIP's fixed context)."""
-    ids = [i for i in tokenizer.encode(text).ids if i not in (BOS, EOS)][: CONTEXT_LENGTH - 2]
-    ids = [BOS] + ids + [EOS] * (CONTEXT_LENGTH - 1 - len(ids))
-    return np.asarray(ids, dtype=np.int64)
+@dataclass(frozen=True)
+class ScheduledCond:
+    """One text schedule: the tensor for text k is used up to denoiser call `end_at_steps[k]`."""
+
+    end_at_steps: tuple[int, ...]
+    tensors: tuple[np.ndarray, ...]  # each (tokens, hidden)
+
+    def at(self, call: int) -> np.ndarray:
+        schedule = [[end, None] for end in self.end_at_steps]
+        return self.tensors[schedule_index_at_call(schedule, call)]
 
 
-def encode_prompts(model, prompts: list[str]) -> np.ndarray:
-    """(len(prompts), 77, hidden) hidden states, identical prompts encoded once."""
-    unique = list(dict.fromkeys(prompts))
-    hidden = model.encode_tokens(np.stack([token_ids(model.tokenizer, p) for p in unique]))
-    index = {p: i for i, p in enumerate(unique)}
-    return hidden[[index[p] for p in prompts]]
+@dataclass(frozen=True)
+class BatchConditioning:
+    """Per image: its AND sub-prompts with weights, and its negative prompt's schedule."""
+
+    cond: tuple[tuple[tuple[ScheduledCond, float], ...], ...]
+    uncond: tuple[ScheduledCond, ...]
+
+    def at(self, call: int) -> tuple[np.ndarray, list[list[tuple[int, float]]], np.ndarray]:
+        """(cond batch, [(row, weight)...] per image, uncond batch) for denoiser call `call`."""
+        rows, weights = [], []
+        for subprompts in self.cond:
+            mine = []
+            for scheduled, weight in subprompts:
+                mine.append((len(rows), weight))
+                rows.append(scheduled.at(call))
+            weights.append(mine)
+        cond = np.stack(pad_to_same_length(rows))
+        uncond = np.stack(pad_to_same_length([u.at(call) for u in self.uncond]))
+        return cond, weights, uncond
+
+
+class PromptEncoder:
+    """Text → hidden states with A1111's chunking, emphasis and clip skip, cached per prompt."""
+
+    def __init__(self, model, emphasis: str = "Original", clip_skip: int = 1, comma_padding_backtrack: int = 20):
+        self.model = model
+        self.emphasis = emphasis
+        self.clip_skip = clip_skip
+        self.chunker = PromptChunker(make_clip_encode_fn(model.tokenizer),
+                                     comma_padding_backtrack=comma_padding_backtrack)
+        self._cache: dict[tuple[str, int], ScheduledCond] = {}
+
+    def _encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        return self.model.encode_tokens(tokens, clip_skip=self.clip_skip)
+
+    def scheduled(self, prompt: str, steps: int) -> ScheduledCond:
+        key = (prompt, steps)
+        if key not in self._cache:
+            schedule = get_learned_conditioning_prompt_schedules([prompt], steps)[0]
+            texts = [text for _, text in schedule]
+            tensors = encode_texts(texts, self.chunker, self._encode_tokens, self.emphasis)
+            self._cache[key] = ScheduledCond(tuple(end for end, _ in schedule), tuple(tensors))
+        return self._cache[key]
+
+    def batch(self, prompts: list[str], negative_prompts: list[str], steps: int) -> BatchConditioning:
+        indexes, texts, _ = get_multicond_prompt_list(prompts)
+        cond = tuple(tuple((self.scheduled(texts[i], steps), weight) for i, weight in per_image)
+                     for per_image in indexes)
+        uncond = tuple(self.scheduled(p, steps) for p in negative_prompts)
+        return BatchConditioning(cond, uncond)

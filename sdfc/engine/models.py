@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelLoadError, ModelNotFoundError
+from .errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from .schedules import ModelSigmas, alphas_cumprod_from_config
 
 log = logging.getLogger("sdfc.engine")
@@ -37,6 +37,7 @@ class ModelInfo:
     precision: str
     architecture: str
     prediction_type: str
+    clip_skip_outputs: tuple[tuple[int, str], ...] = ((1, "last_hidden_state"),)
 
     @property
     def title(self) -> str:
@@ -63,6 +64,8 @@ def read_model_info(path: Path) -> ModelInfo:
         sha256=source.get("sha256", ""), short_hash=source.get("short_hash", "")[:10],
         precision=manifest.get("precision", "fp32"), architecture=manifest.get("architecture", "sd1"),
         prediction_type=manifest.get("prediction_type", "epsilon"),
+        clip_skip_outputs=tuple(sorted((int(k), v) for k, v in
+                                       (manifest.get("clip_skip_outputs") or {"1": "last_hidden_state"}).items())),
     )
 
 
@@ -73,7 +76,9 @@ def scan_models(models_dir: str | Path) -> list[ModelInfo]:
         raise ModelNotFoundError(f"models folder {str(models_dir)!r} does not exist")
     if (models_dir / MANIFEST).is_file():
         return [read_model_info(models_dir)]
-    found = [read_model_info(p) for p in sorted(models_dir.iterdir()) if (p / MANIFEST).is_file()]
+    # Hidden folders are exports still being staged (models_export writes `.<name>.partial-*` first).
+    found = [read_model_info(p) for p in sorted(models_dir.iterdir())
+             if not p.name.startswith(".") and (p / MANIFEST).is_file()]
     if not found:
         raise ModelNotFoundError(f"no exported model in {str(models_dir)!r} (no sub-folder has {MANIFEST})")
     return found
@@ -120,13 +125,20 @@ class OnnxModel:
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
             raise ModelLoadError(f"cannot load {str(path)!r}: {exc}") from None
 
-    def _run(self, component: str, feeds: dict) -> np.ndarray:
-        out = self.sessions[component].run(None, {k: v.astype(self.dtype) if v.dtype.kind == "f" else v
-                                                  for k, v in feeds.items()})[0]
+    def _run(self, component: str, feeds: dict, output: str | None = None) -> np.ndarray:
+        out = self.sessions[component].run([output] if output else None,
+                                           {k: v.astype(self.dtype) if v.dtype.kind == "f" else v
+                                            for k, v in feeds.items()})[0]
         return out.astype(np.float32)
 
-    def encode_tokens(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._run("text_encoder", {"input_ids": input_ids.astype(np.int64)})
+    def encode_tokens(self, input_ids: np.ndarray, clip_skip: int = 1) -> np.ndarray:
+        """Hidden states; with CLIP skip N > 1, layer −N's output through the final layer norm (A1111)."""
+        outputs = dict(self.info.clip_skip_outputs)
+        if clip_skip not in outputs:
+            raise InvalidRequestError(
+                f"CLIP skip {clip_skip} is not available for model {self.info.name!r} (available: "
+                f"{', '.join(map(str, sorted(outputs)))}; export with --clip-skip to add more)")
+        return self._run("text_encoder", {"input_ids": input_ids.astype(np.int64)}, outputs[clip_skip])
 
     def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
         """ε prediction. Fractional timesteps matter (k-diffusion): int64 graphs get them rounded."""

@@ -19,7 +19,8 @@ from PIL import Image
 
 from . import samplers as samplers_mod
 from . import schedules
-from .conditioning import encode_prompts
+from .brownian import BrownianNoise
+from .conditioning import BatchConditioning, PromptEncoder
 from .errors import Interrupted, InvalidRequestError, ModelNotFoundError, NaNError
 from .models import ModelInfo, OnnxModel, scan_models
 from .rng import ImageRNG
@@ -57,6 +58,9 @@ class GenerationRequest:
     s_tmax: float = 0.0            # 0 means infinity, as A1111's option
     s_noise: float = 1.0
     noise_source: str = "GPU"      # option randn_source
+    emphasis: str = "Original"     # option emphasis
+    clip_skip: int = 1             # option CLIP_stop_at_last_layers
+    comma_padding_backtrack: int = 20
     eta_noise_seed_delta: int = 0
     model: str | None = None       # name, title or hash; None: the engine's current model
     init_images: list[Image.Image] | None = None  # img2img when given
@@ -116,37 +120,62 @@ class JobControl:
 
 
 class CFGDenoiser:
-    """Classifier-free guidance over one UNet batch of [cond images…, uncond images…] (§2)."""
+    """Classifier-free guidance (§2): one UNet batch of [cond rows…, uncond rows…] per call.
 
-    def __init__(self, model: OnnxModel, cond: np.ndarray, uncond: np.ndarray, cfg_scale: float,
+    Image i contributes one cond row per AND sub-prompt; the conditioning of each row follows its prompt
+    schedule by the 0-based call counter (prompt editing and alternation).
+    """
+
+    def __init__(self, model: OnnxModel, conditioning: BatchConditioning, cfg_scale: float,
                  control: JobControl):
-        self.model, self.cond, self.uncond = model, cond, uncond
-        self.cfg_scale = np.float32(cfg_scale)
+        self.model, self.conditioning = model, conditioning
+        self.cfg_scale = float(cfg_scale)
         self.control = control
+        self.calls = 0
 
-    def _eps_pair(self, x_in: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    def _outputs(self, x_in: np.ndarray, t: float):
+        """Raw UNet outputs for the cond rows and the uncond rows, and which rows belong to which image."""
         self.control._check()
-        b = x_in.shape[0]
-        if self.cond.shape == self.uncond.shape:
-            eps = self.model.unet(np.concatenate([x_in, x_in]), t, np.concatenate([self.cond, self.uncond]))
-            eps_c, eps_u = eps[:b], eps[b:]
+        cond, weights, uncond = self.conditioning.at(self.calls)
+        self.calls += 1
+        image_of_row = [i for i, rows in enumerate(weights) for _ in rows]
+        x_cond = x_in[image_of_row]
+        if cond.shape[1:] == uncond.shape[1:]:
+            out = self.model.unet(np.concatenate([x_cond, x_in]), t, np.concatenate([cond, uncond]))
+            out_cond, out_uncond = out[: len(x_cond)], out[len(x_cond):]
         else:  # different prompt lengths cannot share a batch (§1.6)
-            eps_c = self.model.unet(x_in, t, self.cond)
-            eps_u = self.model.unet(x_in, t, self.uncond)
-        return eps_c, eps_u
+            out_cond = self.model.unet(x_cond, t, cond)
+            out_uncond = self.model.unet(x_in, t, uncond)
+        return out_cond, out_uncond, weights, image_of_row
+
+    def _combine(self, cond: np.ndarray, uncond: np.ndarray, weights) -> np.ndarray:
+        guided = uncond.copy()
+        for i, rows in enumerate(weights):
+            for row, weight in rows:
+                guided[i] += (cond[row] - uncond[i]) * np.float32(weight * self.cfg_scale)
+        return guided
 
     def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
         """D(x, σ) guided: k-diffusion's CompVis wrapping, CFG combined on the denoised outputs."""
         sigma = np.float32(sigma)
         c_in = np.float32(1) / np.sqrt(sigma ** 2 + np.float32(1))
-        eps_c, eps_u = self._eps_pair(x * c_in, self.model.sigmas.sigma_to_t(sigma))
-        d_c, d_u = x - eps_c * sigma, x - eps_u * sigma
-        return d_u + (d_c - d_u) * self.cfg_scale
+        eps_c, eps_u, weights, image_of_row = self._outputs(x * c_in, self.model.sigmas.sigma_to_t(sigma))
+        return self._combine(x[image_of_row] - eps_c * sigma, x - eps_u * sigma, weights)
 
     def eps(self, x: np.ndarray, timestep: float) -> np.ndarray:
         """Guided ε at an integer timestep, for the DDIM family."""
-        eps_c, eps_u = self._eps_pair(x, timestep)
-        return eps_u + (eps_c - eps_u) * self.cfg_scale
+        eps_c, eps_u, weights, _ = self._outputs(x, timestep)
+        return self._combine(eps_c, eps_u, weights)
+
+    def eps_pair(self, x: np.ndarray, timestep: float, scale_multiplier: float = 1.0):
+        """DDIM CFG++ (§2, §3.4): (guided ε with the CFG scale × `scale_multiplier`, uncond ε) of one call."""
+        eps_c, eps_u, weights, _ = self._outputs(x, timestep)
+        scale = self.cfg_scale
+        self.cfg_scale = scale * scale_multiplier  # A1111: cond_scale * cond_scale_multiplier
+        try:
+            return self._combine(eps_c, eps_u, weights), eps_u
+        finally:
+            self.cfg_scale = scale
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -283,8 +312,11 @@ class Engine:
                        seed_resize_from_h=req.seed_resize_from_h, seed_resize_from_w=req.seed_resize_from_w,
                        source=req.noise_source, eta_noise_seed_delta=req.eta_noise_seed_delta)
         noise = rng.first()
-        context = encode_prompts(model, [req.prompt] * len(seeds) + [req.negative_prompt] * len(seeds))
-        denoiser = CFGDenoiser(model, context[: len(seeds)], context[len(seeds):], req.cfg_scale, control)
+        encoder = PromptEncoder(model, emphasis=req.emphasis, clip_skip=req.clip_skip,
+                                comma_padding_backtrack=req.comma_padding_backtrack)
+        steps = sampler.prompt_schedule_steps(req.steps)
+        conditioning = encoder.batch([req.prompt] * len(seeds), [req.negative_prompt] * len(seeds), steps)
+        denoiser = CFGDenoiser(model, conditioning, req.cfg_scale, control)
         control.current_latent = None
 
         def on_step(info: dict) -> None:
@@ -307,10 +339,15 @@ class Engine:
 
     def _run_sigmas(self, model, req, sampler, schedule, noise, init_latent, rng, denoiser, control, on_step):
         schedule = schedule or schedules.find_schedule(sampler.default_schedule)
-        sigmas = schedule.sigmas(req.steps, model.sigmas, sampler.discard_next_to_last_sigma)
+        model_sigmas = model.sigmas
+        if sampler.model_wrap == "lcm":  # LCM: its own 50-timestep table and output scaling (§3.8)
+            model_sigmas = schedules.LCMSigmas(model.sigmas.alphas_cumprod)
+            denoiser = samplers_mod.LCMDenoiser(denoiser.eps, model_sigmas)
+        full = schedule.sigmas(req.steps, model_sigmas, sampler.discard_next_to_last_sigma)
+        sigmas = full
         if init_latent is not None:
             t_enc = samplers_mod.img2img_steps(req.steps, req.denoising_strength)
-            sigmas = sigmas[req.steps - t_enc - 1:]
+            sigmas = full[req.steps - t_enc - 1:]
             x = init_latent + noise * sigmas[0]
         else:
             x = noise * sigmas[0]
@@ -318,12 +355,26 @@ class Engine:
         kwargs = {}
         if sampler.uses_eta:
             kwargs["eta"] = req.eta if req.eta is not None else req.eta_ancestral
-        # As A1111: churn and noise scale go to every sampler whose signature takes them.
+        # As A1111: churn and noise scale go only to the samplers its `sampler_extra_params` names.
         extra = {"s_churn": req.s_churn, "s_tmin": req.s_tmin, "s_tmax": req.s_tmax or float("inf"),
                  "s_noise": req.s_noise}
-        accepted = inspect.signature(sampler.function).parameters
-        kwargs.update({k: v for k, v in extra.items() if k in accepted})
-        return sampler.function(denoiser, x, sigmas, rng.next, on_step, **kwargs)
+        kwargs.update({k: extra[k] for k in sampler.extra_params})
+        if sampler.noise == "brownian":
+            # One Brownian tree per image seed over the *full* schedule's range, also for img2img (§5.4).
+            kwargs["noise"] = BrownianNoise(x.shape[1:], rng.seeds, full[full > 0].min(), full.max(), rng.source)
+        else:
+            kwargs["noise"] = rng.next
+        if "sigma_min" in inspect.signature(sampler.function).parameters:
+            # DPM fast/adaptive take a range and a step count, not a schedule (§3.2).
+            if init_latent is None:
+                kwargs.update(sigma_min=model_sigmas.sigma_min, sigma_max=model_sigmas.sigma_max, n=req.steps)
+            else:
+                kwargs.update(sigma_min=float(sigmas[-2]), sigma_max=float(sigmas[0]), n=len(sigmas) - 1)
+            if "n" not in inspect.signature(sampler.function).parameters:
+                del kwargs["n"]
+        else:
+            kwargs["sigmas"] = sigmas
+        return sampler.function(denoiser, x, callback=on_step, **kwargs)
 
     def _run_timesteps(self, model, req, sampler, noise, init_latent, rng, denoiser, control, on_step):
         timesteps = samplers_mod.ddim_timesteps(req.steps, model.num_train_timesteps)
@@ -336,8 +387,15 @@ class Engine:
         else:
             x = noise
         control.sampling_steps = max(len(timesteps) - 1, 0)
-        eta = req.eta if req.eta is not None else req.eta_ddim
-        return sampler.function(denoiser.eps, x, timesteps, ac, rng.next, on_step, eta=eta)
+        kwargs = {}
+        if sampler.uses_eta:
+            kwargs["eta"] = req.eta if req.eta is not None else req.eta_ddim
+        if "is_img2img" in inspect.signature(sampler.function).parameters:
+            kwargs["is_img2img"] = init_latent is not None  # UniPC starts from the img2img timestep
+        eps_model = denoiser.eps
+        if sampler.model_wrap == "cfg++":  # DDIM CFG++: scale ÷ 12.5 and the uncond ε (§3.4)
+            eps_model = lambda x, t: denoiser.eps_pair(x, t, 1 / 12.5)  # noqa: E731
+        return sampler.function(eps_model, x, timesteps, ac, rng.next, on_step, **kwargs)
 
     @staticmethod
     def _decode(model: OnnxModel, latent: np.ndarray) -> np.ndarray:

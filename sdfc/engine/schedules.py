@@ -55,12 +55,42 @@ class ModelSigmas:
         return np.exp(log_sigma).astype(np.float32)
 
 
+class LCMSigmas(ModelSigmas):
+    """A1111's LCM model wrapper (§3.8): only the 50 LCM timesteps t = 19, 39, …, 999 exist.
+
+    The table holds ᾱ at those timesteps; `sigma_to_t` snaps to the nearest one in log σ and returns the
+    LCM timestep (20·k + 19), `t_to_sigma` maps LCM timesteps back through the table. Schedules that take
+    the model's σ_min/σ_max (Karras, …) use this table's ends, as A1111 does for LCM."""
+
+    skip = 20
+
+    def __init__(self, alphas_cumprod: np.ndarray):
+        full = np.asarray(alphas_cumprod, dtype=np.float32)
+        super().__init__(full[self.skip - 1::self.skip])
+
+    def sigma_to_t(self, sigma: float) -> int:
+        log_sigma = np.log(np.float32(sigma))
+        return int(np.argmin(np.abs(log_sigma - self.log_sigmas))) * self.skip + (self.skip - 1)
+
+    def t_to_sigma(self, t: np.ndarray) -> np.ndarray:
+        index = np.clip((np.asarray(t, dtype=np.float32) - np.float32(self.skip - 1)) / np.float32(self.skip),
+                        0, len(self.sigmas) - 1).astype(np.float32)
+        return super().t_to_sigma(index)
+
+    def get_sigmas(self, n: int) -> np.ndarray:
+        """LCM's Automatic/Uniform schedule: LCM timesteps evenly spaced from σ_max's to σ_min's."""
+        t = np.linspace(self.sigma_to_t(self.sigma_max), self.sigma_to_t(self.sigma_min), n, dtype=np.float32)
+        return _append_zero(self.t_to_sigma(t))
+
+
 def _append_zero(sigmas: np.ndarray) -> np.ndarray:
     return np.append(np.asarray(sigmas, dtype=np.float32), np.float32(0))
 
 
 def uniform(n: int, model: ModelSigmas) -> np.ndarray:
     """k-diffusion's `get_sigmas(n)`: timesteps evenly spaced from 999 to 0 (the "model default")."""
+    if isinstance(model, LCMSigmas):
+        return model.get_sigmas(n)  # A1111's Uniform asks the model wrapper, and LCM's has its own
     t = np.linspace(len(model.alphas_cumprod) - 1, 0, n, dtype=np.float32)
     return _append_zero(model.t_to_sigma(t))
 
