@@ -20,7 +20,10 @@ from .api.errors import ApiError, ValidationFailed, a1111_error, json_response
 from .api.routes import bp as sdapi_bp
 from .api.state import ApiState
 from .config import Settings
+from .dispatch import RecordPipeline, build_pipeline
 from .engine import Engine, EngineError, InvalidRequestError
+from .records import OutputsStore, RecordWriter, open_store
+from .records.gallery import make_gallery_blueprint
 
 log = logging.getLogger("sdfc.access")
 OPEN_PATHS = ("/docs", "/openapi.json", "/static/swagger/")
@@ -32,23 +35,44 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
+    pipeline = None
+    if on_images is None and settings.dispatch != "off":
+        pipeline, on_images = _records(app, settings)
     app.extensions["sdfc"] = ApiState(settings, engine=engine, on_images=on_images)
     app.register_blueprint(sdapi_bp)
     app.register_blueprint(docs_bp)
-    _install_request_hooks(app, settings)
+    _install_request_hooks(app, settings, pipeline)
     _install_error_handlers(app)
     return app
+
+
+def _records(app: Flask, settings: Settings) -> tuple[RecordPipeline, Callable[[list[dict]], None]]:
+    """The records room: store + outputs + writer, the dispatcher that feeds it, and the gallery API.
+
+    Nothing connects here (the app may be built in gunicorn's master and forked): the store connects on
+    first use and the dispatcher's worker starts in the process that serves requests.
+    """
+    store = open_store(settings.database_url)
+    outputs = OutputsStore(settings.outputs_dir)
+    writer = RecordWriter(store, outputs)
+    pipeline = build_pipeline(settings, outputs, local_handler=writer.handle)
+    app.extensions["sdfc.records"] = pipeline
+    app.extensions["sdfc.records_store"] = store
+    app.register_blueprint(make_gallery_blueprint(store))
+    return pipeline, pipeline.sink
 
 
 def _is_open(path: str, settings: Settings) -> bool:
     return settings.docs_open and any(path == p or path.startswith(p) for p in OPEN_PATHS)
 
 
-def _install_request_hooks(app: Flask, settings: Settings) -> None:
+def _install_request_hooks(app: Flask, settings: Settings, pipeline: RecordPipeline | None = None) -> None:
     @app.before_request
     def _begin():
         g.started = time.perf_counter()
         g.request_id = request.headers.get("x-fc-request-id") or uuid.uuid4().hex
+        if pipeline is not None:
+            pipeline.observe_request(request.headers)  # FC's role credentials; flushes leftovers at start
         if request.method == "OPTIONS" and settings.cors_origins:
             return app.make_default_options_response()  # CORS preflight carries no credentials
         if _is_open(request.path, settings) or request.url_rule is None:

@@ -48,13 +48,35 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _float(env: dict, name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
 @dataclass
 class Settings:
     auth: dict[str, str] = field(default_factory=dict)
     models_dir: Path = TINY_MODELS_DIR
     outputs_dir: Path = Path("data/outputs")
     database_url: str = "sqlite:///data/sdfc.db"
-    dispatch: str = "local"
+    dispatch: str = "local"          # local | fc3 | fc2 | off
+    spool_dir: Path = Path("data/spool")
+    # The records function, for fc3/fc2 dispatch (FC sets FC_ACCOUNT_ID and FC_REGION in every function).
+    records_function: str = "sdfc-records"
+    records_service: str = "sdfc"    # fc2 only: FC 2.0 functions live in a service
+    records_qualifier: str | None = None
+    fc_endpoint: str | None = None
+    fc_account_id: str | None = None
+    fc_region: str | None = None
+    fc_async_body_limit: int = 128 * 1024
+    dispatch_queue_size: int = 1000
+    dispatch_max_backoff_s: float = 30.0
+    dispatch_drain_s: float = 5.0
     device: str = "cpu"
     default_model: str | None = None
     styles_file: Path | None = None
@@ -65,7 +87,9 @@ class Settings:
     max_steps: int = 150
     max_images: int = 16
     max_body_bytes: int = 32 * 1024 * 1024
-    max_prompt_chars: int = 200_000
+    # `prompt text` in generated_images holds 65,535 bytes (UTF-8): a longer prompt could not be recorded
+    # verbatim, so it is refused up front.
+    max_prompt_bytes: int = 65_535
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -76,7 +100,18 @@ class Settings:
             models_dir=Path(env.get("SDFC_MODELS_DIR") or TINY_MODELS_DIR),
             outputs_dir=Path(env.get("SDFC_OUTPUTS_DIR") or data_dir / "outputs"),
             database_url=env.get("SDFC_DATABASE_URL") or f"sqlite:///{data_dir / 'sdfc.db'}",
-            dispatch=env.get("SDFC_DISPATCH", "local"),
+            dispatch=(env.get("SDFC_DISPATCH") or "local").strip().lower(),
+            spool_dir=Path(env.get("SDFC_SPOOL_DIR") or data_dir / "spool"),
+            records_function=env.get("SDFC_RECORDS_FUNCTION") or cls.records_function,
+            records_service=env.get("SDFC_RECORDS_SERVICE") or cls.records_service,
+            records_qualifier=env.get("SDFC_RECORDS_QUALIFIER") or None,
+            fc_endpoint=env.get("SDFC_FC_ENDPOINT") or None,
+            fc_account_id=env.get("FC_ACCOUNT_ID") or None,
+            fc_region=env.get("FC_REGION") or None,
+            fc_async_body_limit=_int(env, "SDFC_FC_ASYNC_BODY_LIMIT", cls.fc_async_body_limit),
+            dispatch_queue_size=_int(env, "SDFC_DISPATCH_QUEUE", cls.dispatch_queue_size),
+            dispatch_max_backoff_s=_float(env, "SDFC_DISPATCH_MAX_BACKOFF_S", cls.dispatch_max_backoff_s),
+            dispatch_drain_s=_float(env, "SDFC_DISPATCH_DRAIN_S", cls.dispatch_drain_s),
             device=env.get("SDFC_DEVICE", "cpu"),
             default_model=env.get("SDFC_DEFAULT_MODEL") or None,
             styles_file=Path(env["SDFC_STYLES_FILE"]) if env.get("SDFC_STYLES_FILE") else None,
@@ -87,6 +122,7 @@ class Settings:
             max_steps=_int(env, "SDFC_MAX_STEPS", cls.max_steps),
             max_images=_int(env, "SDFC_MAX_IMAGES", cls.max_images),
             max_body_bytes=_int(env, "SDFC_MAX_BODY_BYTES", cls.max_body_bytes),
+            max_prompt_bytes=_int(env, "SDFC_MAX_PROMPT_BYTES", cls.max_prompt_bytes),
         )
 
     def check_listen(self, host: str) -> None:

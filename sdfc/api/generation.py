@@ -57,8 +57,11 @@ def _check_limits(state: ApiState, req: GenerationRequest) -> None:
         raise ApiError(400, f"batch_size × n_iter = {req.batch_size * req.n_iter} exceeds the limit of "
                             f"{s.max_images} images per request (SDFC_MAX_IMAGES)", error="LimitExceeded")
     for name in ("prompt", "negative_prompt"):
-        if len(getattr(req, name)) > s.max_prompt_chars:
-            raise ApiError(400, f"{name} is longer than {s.max_prompt_chars} characters", error="LimitExceeded")
+        size = len(getattr(req, name).encode("utf-8", "surrogatepass"))
+        if size > s.max_prompt_bytes:
+            raise ApiError(400, f"{name} is {size} bytes in UTF-8, over the limit of {s.max_prompt_bytes} "
+                                "(SDFC_MAX_PROMPT_BYTES; the records table's text column holds 65535)",
+                           error="LimitExceeded")
 
 
 def _model_override(state: ApiState, options: dict, overrides: dict | None) -> str | None:
