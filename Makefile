@@ -7,6 +7,8 @@ TINY := tests/fixtures/models/tiny-sd
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
+S_CLI := deploy/node_modules/.bin/s
+
 .PHONY: serve test install tiny-model bench clean
 
 $(STAMP): pyproject.toml
@@ -21,7 +23,12 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/sdfc serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# The Serverless Devs CLI renders s.yaml offline in the deploy tests (pinned in deploy/package-lock.json).
+$(S_CLI): deploy/package.json deploy/package-lock.json
+	npm ci --prefix deploy --no-audit --no-fund --loglevel=error
+	touch $(S_CLI)
+
+test: $(STAMP) $(S_CLI)
 	$(BIN)/python -m pytest -q
 
 # Rebuild the committed tiny test model from its fixed seed (needs the export extra).

@@ -1,0 +1,147 @@
+"""FC's instance lifecycle on sd-api: `POST /initialize`, `GET /pre-stop`, and event calls on `POST /invoke`.
+
+FC calls these itself, without the client's Basic credentials, so they are answered ahead of auth. That is
+safe by construction: `/initialize` is idempotent (a second call returns at once), `/pre-stop` only waits for
+work in progress, and `/invoke` replays the request inside its event through the whole app, Basic auth
+included.
+
+The server listens before any model is loaded (FC wants a listening port within 120 s); `/initialize` then
+creates the ONNX sessions and runs one denoising step at the smallest size (up to 300 s are allowed), so that
+the first client does not pay for reading the weights, session creation, CUDA context set-up, kernel loading
+and cuDNN's algorithm search. That search is per input shape: SDFC_WARMUP_SIZE=512 also covers the shapes of
+512x512 requests, for a few more seconds of initializer.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from flask import Blueprint, Flask, current_app, g, request
+
+from ..api.errors import a1111_error, json_response
+from ..engine import GenerationRequest
+from . import events
+
+log = logging.getLogger("sdfc.fc")
+bp = Blueprint("fc", __name__)
+EXTENSION = "sdfc.fc"
+SMALLEST_SIZE = 64  # A1111's minimum width/height: an 8×8 latent
+
+
+@dataclass
+class LifecycleConfig:
+    warmup_size: int = SMALLEST_SIZE  # 0 skips the warm-up step
+    require_cuda: bool = False        # fail /initialize when onnxruntime fell back to the CPU
+    drain_s: float = 80.0             # under FC's 90 s PreStop limit
+
+    @classmethod
+    def from_env(cls, env=None) -> "LifecycleConfig":
+        env = os.environ if env is None else env
+        return cls(warmup_size=int(env.get("SDFC_WARMUP_SIZE") or SMALLEST_SIZE),
+                   require_cuda=env.get("SDFC_REQUIRE_CUDA", "0") in ("1", "true", "yes"),
+                   drain_s=float(env.get("SDFC_DRAIN_SECONDS") or 80.0))
+
+
+@dataclass
+class Lifecycle:
+    config: LifecycleConfig
+    ready: dict | None = None  # what /initialize reported, once it succeeded
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Called with the seconds left by /pre-stop once requests are done (e.g. the records dispatcher's close).
+    drains: list[Callable[[float], bool]] = field(default_factory=list)
+
+
+def mount(app: Flask, config: LifecycleConfig | None = None) -> Lifecycle:
+    """Add the lifecycle routes to an app built by `create_app`."""
+    lifecycle = Lifecycle(config or LifecycleConfig.from_env())
+    app.extensions[EXTENSION] = lifecycle
+    app.register_blueprint(bp)
+    # First in line, before the app's auth hook: FC sends no client credentials to these routes.
+    app.before_request_funcs.setdefault(None, []).insert(0, _answer_before_auth)
+    return lifecycle
+
+
+def _answer_before_auth():
+    if request.blueprint != bp.name or request.endpoint is None:
+        return None
+    # What the app's own first hook records, so its after-request log line carries FC's request id.
+    g.started = time.perf_counter()
+    g.request_id = request.headers.get("x-fc-request-id") or uuid.uuid4().hex
+    view = current_app.view_functions[request.endpoint]
+    return current_app.ensure_sync(view)(**(request.view_args or {}))
+
+
+def _state():
+    return current_app.extensions["sdfc"], current_app.extensions[EXTENSION]
+
+
+@bp.post("/initialize")
+def initialize():
+    api, lifecycle = _state()
+    with lifecycle.lock:  # FC calls once; a stray second call waits for the first and gets its report
+        if lifecycle.ready is None:
+            lifecycle.ready = _load_and_warm(api, lifecycle.config)
+        report = lifecycle.ready
+    if lifecycle.config.require_cuda and "CUDAExecutionProvider" not in report["providers"]:
+        lifecycle.ready = None
+        return a1111_error(500, "RuntimeError", "SDFC_REQUIRE_CUDA is set but onnxruntime runs on "
+                           f"{report['providers']}: the image lacks the CUDA 13 / cuDNN 9 libraries or no GPU "
+                           "is attached")
+    return json_response(report)
+
+
+def _load_and_warm(api, config: LifecycleConfig) -> dict:
+    started = time.perf_counter()
+    engine = api.engine            # scans the models folder
+    model = engine.load()          # creates the four ONNX sessions
+    loaded = time.perf_counter()
+    if config.warmup_size:
+        size = config.warmup_size
+        with api.queue:            # the warm-up is a job like any other: never beside a client's
+            engine.generate(GenerationRequest(prompt="", width=size, height=size, steps=1, seed=0))
+    report = {"model": model.info.title, "providers": list(model.providers),
+              "load_s": round(loaded - started, 3), "warmup_s": round(time.perf_counter() - loaded, 3),
+              "warmup_size": config.warmup_size}
+    log.info("initialized: %s", report)
+    return report
+
+
+@bp.get("/pre-stop")
+def pre_stop():
+    api, lifecycle = _state()
+    api.draining = True
+    deadline = time.monotonic() + lifecycle.config.drain_s
+    idle = api.wait_idle(lifecycle.config.drain_s)
+    drained = [drain(max(0.0, deadline - time.monotonic())) for drain in lifecycle.drains]
+    body = {"drained": idle and all(drained), "in_flight": api.in_flight}
+    log.info("pre-stop: %s", body)
+    return json_response(body, 200 if body["drained"] else 503)
+
+
+@bp.post("/invoke")
+def invoke():
+    try:
+        call = events.call_from_event(request.get_data())
+    except events.EventError as exc:
+        return _event_failed(400, str(exc))
+    if call.path in ("/invoke", "/initialize", "/pre-stop"):
+        return _event_failed(400, f"{call.path} cannot be called through /invoke")
+    # The real request's x-fc-* headers come from FC (it drops clients' own): pass them on, request id included.
+    fc_headers = {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-fc-")}
+    fc_headers.setdefault("x-fc-request-id", g.request_id)
+    result = events.run(current_app._get_current_object(), call, fc_headers)
+    response = json_response(result)
+    if result["statusCode"] >= 400:
+        response.headers["x-fc-status"] = "404"  # FC counts the invocation failed: async retries apply
+    return response
+
+
+def _event_failed(status: int, detail: str):
+    response = a1111_error(status, "EventError", detail)
+    response.headers["x-fc-status"] = "404"
+    return response

@@ -1,0 +1,141 @@
+"""sdfc.fc in process: FC 3.0's HTTP event ⇄ WSGI, the lifecycle routes' edges, the web composition."""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import pytest
+
+from sdfc.config import Settings
+from sdfc.fc import events, lifecycle
+from sdfc.fc.compose import create_sdapi_app, create_web_app
+
+from .conftest import MODELS_DIR
+
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"alice:Wonder-land42").decode()}
+
+
+def settings(tmp_path, **extra) -> Settings:
+    return Settings.from_env({"SDFC_AUTH": "alice:Wonder-land42", "SDFC_DATA_DIR": str(tmp_path),
+                              "SDFC_MODELS_DIR": str(MODELS_DIR), "SDFC_DISPATCH": "local", **extra})
+
+
+@pytest.fixture()
+def sdapi(tmp_path):
+    app = create_sdapi_app(settings(tmp_path))
+    yield app
+    app.extensions["sdfc.records"].close(5)
+
+
+# --- events --------------------------------------------------------------------------------------------------
+
+def test_an_fc_http_event_becomes_the_same_request():
+    event = {"version": "v1", "rawPath": "/a/b", "isBase64Encoded": True,
+             "body": base64.b64encode(b"\x89PNG bytes").decode(),
+             "headers": {"Content-Type": "image/png", "X-Fc-Request-Id": "forged", "X-Custom": "1"},
+             "queryParameters": {"q": "cat", "tag": ["x", "y"]},
+             "requestContext": {"domainName": "sd.example.com", "http": {"method": "put", "sourceIp": "203.0.113.9"}}}
+    call = events.call_from_event(json.dumps(event).encode())
+    assert (call.method, call.path, call.body, call.source_ip) == ("PUT", "/a/b", b"\x89PNG bytes", "203.0.113.9")
+    assert call.query == "q=cat&tag=x&tag=y"
+    # x-fc-* only ever from FC itself; the host from the request context when the headers lack it
+    assert call.headers == {"content-type": "image/png", "x-custom": "1", "host": "sd.example.com"}
+
+
+def test_hand_written_events_may_inline_json():
+    call = events.call_from_event({"path": "/sdapi/v1/txt2img", "body": {"prompt": "x"}})
+    assert call.method == "POST" and json.loads(call.body) == {"prompt": "x"}
+    assert call.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("event,message", [
+    (b"not json", "not JSON"), (b"[1, 2]", "JSON object"), ({"body": "x"}, "rawPath"),
+    ({"rawPath": "relative"}, "rawPath"), ({"rawPath": "/", "isBase64Encoded": True, "body": "%%%"}, "base64"),
+    ({"rawPath": "/", "headers": ["a"]}, "headers"), ({"rawPath": "/", "body": 3}, "body must be"),
+])
+def test_bad_events_are_refused_with_the_reason(event, message):
+    with pytest.raises(events.EventError, match=message):
+        events.call_from_event(event)
+
+
+# --- lifecycle -----------------------------------------------------------------------------------------------
+
+def test_lifecycle_routes_answer_without_client_credentials_but_the_api_does_not(sdapi):
+    client = sdapi.test_client()
+    assert client.get("/sdapi/v1/options").status_code == 401
+    assert client.get("/pre-stop").status_code == 200
+    r = client.post("/initialize", headers={"x-fc-request-id": "init-9"})
+    assert r.status_code == 200 and r.headers["X-Request-Id"] == "init-9"
+
+
+def test_sd_api_leaves_the_gallery_to_the_web_function(sdapi):
+    client = sdapi.test_client()
+    r = client.get("/gallery/api/images", headers=AUTH)
+    assert r.status_code == 404 and "web" in r.json["detail"]
+    assert client.get("/docs").status_code == 200 and client.get("/sdapi/v1/samplers", headers=AUTH).status_code == 200
+
+
+def test_initialize_fails_when_cuda_is_required_but_absent(tmp_path):
+    app = create_sdapi_app(settings(tmp_path, SDFC_DEVICE="cuda"), lifecycle.LifecycleConfig(require_cuda=True))
+    r = app.test_client().post("/initialize")
+    assert r.status_code == 500 and "SDFC_REQUIRE_CUDA" in r.json["detail"]
+    app.extensions["sdfc.records"].close(5)
+
+
+def test_invoke_refuses_lifecycle_paths_and_flags_failures_for_fc(sdapi):
+    client = sdapi.test_client()
+    r = client.post("/invoke", data=json.dumps({"rawPath": "/invoke", "body": "{}"}))
+    assert r.status_code == 400 and r.headers["x-fc-status"] == "404"
+    r = client.post("/invoke", data=json.dumps({"rawPath": "/sdapi/v1/txt2img", "body": {"steps": 1}}))
+    assert r.status_code == 200 and r.json["statusCode"] == 401  # the event's request has no credentials
+    assert r.headers["x-fc-status"] == "404"  # FC marks the invocation failed: async retries, onFailure
+    r = client.post("/invoke", data=json.dumps({"rawPath": "/sdapi/v1/samplers", "headers": AUTH}))
+    assert r.json["statusCode"] == 200 and "x-fc-status" not in r.headers
+    assert any(s["name"] == "Euler" for s in json.loads(r.json["body"]))
+
+
+def test_pre_stop_waits_for_in_flight_requests_then_drains_the_records(sdapi):
+    api, hooks = sdapi.extensions["sdfc"], sdapi.extensions[lifecycle.EXTENSION]
+    drained = []
+    hooks.drains.append(lambda left: drained.append(left) or True)
+    tracker = api.track()
+    tracker.__enter__()
+    threading.Timer(0.3, tracker.__exit__, (None, None, None)).start()
+    started = time.monotonic()
+    r = sdapi.test_client().get("/pre-stop")
+    assert time.monotonic() - started >= 0.25
+    assert r.status_code == 200 and r.json == {"drained": True, "in_flight": 0} and api.draining
+    assert drained and 0 < drained[0] <= hooks.config.drain_s
+
+
+def test_pre_stop_reports_a_drain_that_ran_out_of_time(tmp_path):
+    app = create_sdapi_app(settings(tmp_path), lifecycle.LifecycleConfig(drain_s=0.2))
+    app.extensions["sdfc"].track().__enter__()  # a request that never ends
+    r = app.test_client().get("/pre-stop")
+    assert r.status_code == 503 and r.json == {"drained": False, "in_flight": 1}
+    app.extensions["sdfc.records"].close(5)
+
+
+# --- the web function ----------------------------------------------------------------------------------------
+
+def test_the_web_function_never_generates(tmp_path):
+    app = create_web_app(settings(tmp_path))
+    client = app.test_client()
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 1}, headers=AUTH)
+    assert r.status_code == 404 and "sd-api" in r.json["detail"]
+    assert client.get("/docs").status_code == 200
+    assert not app.extensions["sdfc"].engine_ready
+    assert "/initialize" not in {rule.rule for rule in app.url_map.iter_rules()}
+
+
+def test_binary_responses_travel_base64_in_the_event_response(tmp_path):
+    app = create_web_app(settings(tmp_path))
+    call = events.call_from_event({"rawPath": "/static/swagger/favicon-32x32.png"})
+    result = events.run(app, call, {"x-fc-request-id": "web-1"})
+    assert result["statusCode"] == 200 and result["isBase64Encoded"]
+    assert base64.b64decode(result["body"]).startswith(b"\x89PNG")
+    assert result["headers"]["X-Request-Id"] == "web-1"
+    text = events.run(app, events.call_from_event({"rawPath": "/openapi.json"}))
+    assert not text["isBase64Encoded"] and json.loads(text["body"])["openapi"].startswith("3.")
