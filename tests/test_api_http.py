@@ -42,7 +42,8 @@ def server(tmp_path_factory, models_dir):
     styles = tmp / "styles.csv"
     styles.write_text('name,prompt,negative_prompt\nmoody,"{prompt}, dark, moody",bright\n')
     srv = start_server(tmp, env={"SDFC_MODELS_DIR": str(models_dir), "SDFC_STYLES_FILE": str(styles),
-                                 "SDFC_MAX_PIXELS": str(512 * 512), "SDFC_MAX_BODY_BYTES": str(2 * 1024 * 1024)})
+                                 "SDFC_MAX_PIXELS": str(512 * 512), "SDFC_MAX_BODY_BYTES": str(2 * 1024 * 1024),
+                                 "SDFC_CORS_ORIGINS": "https://studio.example/"})
     yield srv
     srv.stop()
 
@@ -239,3 +240,43 @@ def test_styles_are_applied(server):
     assert info["prompt"] == "a tree, dark, moody" and info["negative_prompt"] == "bright"
     assert auth_session().get(server.url + "/sdapi/v1/prompt-styles").json() == [
         {"name": "moody", "prompt": "{prompt}, dark, moody", "negative_prompt": "bright"}]
+
+
+def test_infotext_field_reproduces_an_image(server):
+    session = auth_session()
+    first = session.post(server.url + "/sdapi/v1/txt2img", json={
+        "prompt": "a (red:1.2) boat", "negative_prompt": "fog", "seed": 77, "steps": 5, "cfg_scale": 5.5,
+        "sampler_name": "DPM++ 2M", "scheduler": "Exponential", **SMALL}).json()
+    text = json.loads(first["info"])["infotexts"][0]
+    again = session.post(server.url + "/sdapi/v1/txt2img", json={"infotext": text}).json()
+    info = json.loads(again["info"])
+    assert (info["seed"], info["steps"], info["cfg_scale"], info["width"]) == (77, 5, 5.5, 64)
+    assert info["infotexts"][0] == text
+    assert again["images"][0] == first["images"][0]
+    # Fields set explicitly win over the infotext.
+    other = session.post(server.url + "/sdapi/v1/txt2img", json={"infotext": text, "seed": 78}).json()
+    assert json.loads(other["info"])["seed"] == 78
+
+
+def test_extra_batch_images(server):
+    def b64(color):
+        buffer = io.BytesIO()
+        Image.new("RGB", (10, 20), color).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+    r = auth_session().post(server.url + "/sdapi/v1/extra-batch-images", json={
+        "imageList": [{"data": "data:image/png;base64," + b64("red"), "name": "a"}, {"data": b64("blue"), "name": "b"}],
+        "resize_mode": 1, "upscaling_resize_w": 30, "upscaling_resize_h": 30, "upscaler_1": "Nearest"})
+    images = [Image.open(io.BytesIO(base64.b64decode(i))) for i in r.json()["images"]]
+    assert [im.size for im in images] == [(30, 30), (30, 30)]
+    assert images[0].getpixel((15, 15)) == (255, 0, 0) and images[1].getpixel((15, 15)) == (0, 0, 255)
+
+
+def test_cors_only_for_allowed_origins(server):
+    preflight = requests.options(server.url + "/sdapi/v1/txt2img", timeout=10, headers={
+        "Origin": "https://studio.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://studio.example"
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    r = auth_session().get(server.url + "/sdapi/v1/samplers", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers

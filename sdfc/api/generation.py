@@ -13,7 +13,7 @@ from ..engine import samplers as engine_samplers
 from ..engine import schedules as engine_schedules
 from .errors import ApiError
 from .images import ImageDecodeError, decode_image, encode_image_bytes
-from .infotext import SDFC_VERSION, create_infotext, info_json
+from .infotext import SDFC_VERSION, create_infotext, info_json, parse_generation_parameters
 from .state import ApiState
 from .styles import apply_styles
 
@@ -193,6 +193,41 @@ def build_response(state: ApiState, values: dict, mode: str, result: GenerationR
         parameters["mask"] = None
     encoded = [base64.b64encode(d).decode("ascii") for d in images] if _value(values, "send_images", True) else []
     return {"images": encoded, "parameters": parameters, "info": info}, records
+
+
+# Infotext keys → request fields (A1111 1.8+'s `infotext` request field), with their types.
+INFOTEXT_FIELDS = {
+    "Prompt": ("prompt", str), "Negative prompt": ("negative_prompt", str), "Steps": ("steps", int),
+    "Sampler": ("sampler_name", str), "Schedule type": ("scheduler", str), "CFG scale": ("cfg_scale", float),
+    "Seed": ("seed", int), "Size-1": ("width", int), "Size-2": ("height", int),
+    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+    "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int),
+    "Denoising strength": ("denoising_strength", float),
+}
+INFOTEXT_OPTIONS = {"Clip skip": ("CLIP_stop_at_last_layers", float), "RNG": ("randn_source", str),
+                    "ENSD": ("eta_noise_seed_delta", int), "Emphasis": ("emphasis", str)}
+
+
+def apply_infotext(values: dict, explicit: set[str]) -> dict:
+    """Fill every field the request did not set explicitly from its `infotext` (as A1111 1.8+)."""
+    parsed = parse_generation_parameters(values["infotext"])
+    filled = dict(values)
+
+    def convert(kind, raw, key):
+        try:
+            return kind(float(raw)) if kind is int else kind(raw)
+        except (TypeError, ValueError):
+            raise ApiError(422, f"infotext value {key}: {raw!r} is not a valid {kind.__name__}") from None
+
+    for key, (field, kind) in INFOTEXT_FIELDS.items():
+        if key in parsed and field not in explicit:
+            filled[field] = convert(kind, parsed[key], key)
+    overrides = dict(values.get("override_settings") or {})
+    for key, (option, kind) in INFOTEXT_OPTIONS.items():
+        if key in parsed and option not in overrides:
+            overrides[option] = convert(kind, parsed[key], key)
+    filled["override_settings"] = overrides or values.get("override_settings")
+    return filled
 
 
 def run_generation(state: ApiState, values: dict, mode: str, request_id: str | None = None) -> dict:

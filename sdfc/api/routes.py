@@ -20,7 +20,7 @@ from ..engine import schedules as engine_schedules
 from . import payloads
 from .errors import ApiError, ValidationFailed, json_response
 from .extras import run_extras_batch, run_extras_single, UPSCALERS
-from .generation import run_generation
+from .generation import apply_infotext, run_generation
 from .images import ImageDecodeError, decode_image, read_infotext
 from .infotext import parse_generation_parameters
 from .state import ApiState
@@ -71,6 +71,8 @@ def parse(model):
 
 def _generate(mode: str, model):
     values = parse(model)
+    if values.get("infotext"):
+        values = apply_infotext(values, set(request.get_json(silent=True) or {}))
     g.log_extra = {"steps": values.get("steps"), "size": f"{values.get('width')}x{values.get('height')}"}
     with state().track():
         return json_response(run_generation(state(), values, mode, request_id=g.get("request_id")))
