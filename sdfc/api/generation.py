@@ -145,7 +145,9 @@ def infotext_params(result: GenerationResult, index: int, options: dict, mode: s
         if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None,
         "Denoising strength": req.denoising_strength if mode == "img2img" else None,
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
-        "ENSD": req.eta_noise_seed_delta if req.eta_noise_seed_delta and sampler.options.get("uses_ensd") else None,
+        # As A1111: ENSD is reported only where it changes the noise (a sampler using it, with eta != 0).
+        "ENSD": req.eta_noise_seed_delta
+        if req.eta_noise_seed_delta and eta and sampler.options.get("uses_ensd") else None,
         "RNG": req.noise_source if req.noise_source != "GPU" else None,
         # A1111 names the DDIM family's eta "Eta DDIM" and the k-diffusion one "Eta".
         ("Eta DDIM" if sampler.kind == "timesteps" else "Eta"):
