@@ -280,3 +280,35 @@ def test_cors_only_for_allowed_origins(server):
     assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
     r = auth_session().get(server.url + "/sdapi/v1/samplers", headers={"Origin": "https://evil.example"})
     assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
+
+
+def _expected_schedule(sampler) -> str:
+    from sdfc.engine.schedules import find_schedule
+    default = sampler.options.get("scheduler")
+    return find_schedule(default).label if default else "Automatic"
+
+
+def test_every_samplers_infotext_names_sampler_and_schedule_as_a1111(server):
+    from sdfc.engine.samplers import SAMPLERS
+    session = auth_session()
+    for sampler in SAMPLERS:
+        body = {"prompt": "x", "seed": 1, "steps": 3, "sampler_name": sampler.name, **SMALL}
+        info = json.loads(session.post(server.url + "/sdapi/v1/txt2img", json=body).json()["info"])
+        assert f"Sampler: {sampler.name}, Schedule type: {_expected_schedule(sampler)}, " in info["infotexts"][0]
+        assert info["sampler_name"] == sampler.name
+    explicit = {"prompt": "x", "seed": 1, "steps": 3, "sampler_name": "Euler a", "scheduler": "sgm_uniform", **SMALL}
+    text = json.loads(session.post(server.url + "/sdapi/v1/txt2img", json=explicit).json()["info"])["infotexts"][0]
+    assert "Sampler: Euler a, Schedule type: SGM Uniform, " in text
+    combined = {"prompt": "x", "seed": 1, "steps": 3, "sampler_name": "DPM++ 2M SDE Karras", **SMALL}
+    text = json.loads(session.post(server.url + "/sdapi/v1/txt2img", json=combined).json()["info"])["infotexts"][0]
+    assert "Sampler: DPM++ 2M SDE, Schedule type: Karras, " in text
+
+
+def test_variation_seed_and_rng_in_infotext(server):
+    body = {"prompt": "x", "seed": 5, "subseed": 9, "subseed_strength": 0.3, "seed_resize_from_w": 128,
+            "seed_resize_from_h": 96, "steps": 3, "override_settings": {"randn_source": "CPU"}, **SMALL}
+    info = json.loads(auth_session().post(server.url + "/sdapi/v1/txt2img", json=body).json()["info"])
+    text = info["infotexts"][0]
+    assert "Seed: 5, Size: 64x64, " in text
+    assert "Variation seed: 9, Variation seed strength: 0.3, Seed resize from: 128x96, " in text
+    assert ", RNG: CPU, " in text and info["all_subseeds"] == [9]
