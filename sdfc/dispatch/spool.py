@@ -10,25 +10,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+from ..files import atomic_write
 
 
 class Spool:
@@ -42,10 +27,10 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._counter):06d}"
         if image is not None:
-            _atomic_write(self.root / f"{name}.img", image)
+            atomic_write(self.root / f"{name}.img", image)
         # The .json is written last: its presence means the entry is complete.
         body = json.dumps({"event": event, "has_image": image is not None}, ensure_ascii=True)
-        _atomic_write(self.root / f"{name}.json", body.encode("ascii"))
+        atomic_write(self.root / f"{name}.json", body.encode("ascii"))
         return name
 
     def names(self) -> list[str]:
@@ -67,7 +52,7 @@ class Spool:
         path = self.root / f"{name}.json"
         entry = json.loads(path.read_text("ascii"))
         entry["has_image"] = False
-        _atomic_write(path, json.dumps(entry, ensure_ascii=True).encode("ascii"))
+        atomic_write(path, json.dumps(entry, ensure_ascii=True).encode("ascii"))
         (self.root / f"{name}.img").unlink(missing_ok=True)
 
     def remove(self, name: str) -> None:
