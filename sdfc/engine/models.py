@@ -84,6 +84,19 @@ def scan_models(models_dir: str | Path) -> list[ModelInfo]:
     return found
 
 
+_shared_arena_registered = False
+
+
+def _register_shared_cpu_arena(ort) -> None:
+    global _shared_arena_registered
+    if _shared_arena_registered:
+        return
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    # OrtArenaCfg(max_mem=0: no cap, arena_extend_strategy=1: grow by the requested size, defaults, defaults)
+    ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 1, -1, -1))
+    _shared_arena_registered = True
+
+
 class OnnxModel:
     """The four ONNX sessions of one model plus what the runtime must know about them."""
 
@@ -97,6 +110,14 @@ class OnnxModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # Memory patterns pre-plan each run's buffers and keep them: +76 MB (UNet) and +116 MB (VAE) on
+        # the second run of a 50 M-parameter model, for no measured speed gain (bench findings).
+        options.enable_mem_pattern = False
+        if device == "cpu":
+            # One arena shared by every session of the process, growing only by what is asked for,
+            # instead of one doubling arena per session.
+            _register_shared_cpu_arena(ort)
+            options.add_session_config_entry("session.use_env_allocators", "1")
         self.sessions = {c: self._session(ort, c, options) for c in COMPONENTS}
         self.providers = self.sessions["unet"].get_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
