@@ -38,24 +38,24 @@ def password_problem(password: str) -> str | None:
     return None
 
 
-def _int(env: dict, name: str, default: int) -> int:
+def _number(env: dict, name: str, default, kind=int):
+    """An optional numeric variable; a malformed one stops the start with a message naming it."""
     raw = env.get(name)
     if raw in (None, ""):
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        wanted = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {wanted}, got {raw!r}") from None
+
+
+def _int(env: dict, name: str, default: int) -> int:
+    return _number(env, name, default, int)
 
 
 def _float(env: dict, name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    return _number(env, name, default, float)
 
 
 @dataclass
