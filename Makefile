@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.serve-installed
 TINY := tests/fixtures/models/tiny-sd
 HOST ?= 127.0.0.1
 PORT ?= 7860
@@ -18,9 +19,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps k-diffusion==0.0.16
 	touch $(STAMP)
 
+# Serving needs only the lean runtime (no torch): a quick install for `make serve` on a fresh machine.
+$(SERVE_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[cpu]'
+	touch $(SERVE_STAMP)
+
 install: $(STAMP)
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(BIN)/sdfc serve --host $(HOST) --port $(PORT)
 
 # The Serverless Devs CLI renders s.yaml offline in the deploy tests (pinned in deploy/package-lock.json).
