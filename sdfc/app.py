@@ -75,7 +75,7 @@ def _install_request_hooks(app: Flask, settings: Settings, pipeline: RecordPipel
             pipeline.observe_request(request.headers)  # FC's role credentials; flushes leftovers at start
         if request.method == "OPTIONS" and settings.cors_origins:
             return app.make_default_options_response()  # CORS preflight carries no credentials
-        if _is_open(request.path, settings) or request.url_rule is None:
+        if _is_open(request.path, settings) or request.url_rule is None or auth.is_public(app, request.endpoint):
             return None  # unknown paths answer 404 without asking for credentials, as A1111
         return auth.check(settings.auth)
 

@@ -12,6 +12,16 @@ from .errors import a1111_error
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="sdfc", charset="UTF-8"'}
 
 
+def public(view):
+    """Mark a view as answered without credentials (FC's own lifecycle calls carry none)."""
+    view.sdfc_public = True
+    return view
+
+
+def is_public(app, endpoint: str | None) -> bool:
+    return bool(getattr(app.view_functions.get(endpoint), "sdfc_public", False))
+
+
 def credentials_from_header(header: str | None) -> tuple[str, str] | None:
     if not header:
         return None

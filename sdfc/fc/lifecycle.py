@@ -1,6 +1,6 @@
 """FC's instance lifecycle on sd-api: `POST /initialize`, `GET /pre-stop`, and event calls on `POST /invoke`.
 
-FC calls these itself, without the client's Basic credentials, so they are answered ahead of auth. That is
+FC calls these itself, without the client's Basic credentials, so they are marked public. That is
 safe by construction: `/initialize` is idempotent (a second call returns at once), `/pre-stop` only waits for
 work in progress, and `/invoke` replays the request inside its event through the whole app, Basic auth
 included.
@@ -17,12 +17,12 @@ import logging
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
 from flask import Blueprint, Flask, current_app, g, request
 
+from ..api.auth import public
 from ..api.errors import a1111_error, json_response
 from ..engine import GenerationRequest
 from . import events
@@ -61,19 +61,7 @@ def mount(app: Flask, config: LifecycleConfig | None = None) -> Lifecycle:
     lifecycle = Lifecycle(config or LifecycleConfig.from_env())
     app.extensions[EXTENSION] = lifecycle
     app.register_blueprint(bp)
-    # First in line, before the app's auth hook: FC sends no client credentials to these routes.
-    app.before_request_funcs.setdefault(None, []).insert(0, _answer_before_auth)
     return lifecycle
-
-
-def _answer_before_auth():
-    if request.blueprint != bp.name or request.endpoint is None:
-        return None
-    # What the app's own first hook records, so its after-request log line carries FC's request id.
-    g.started = time.perf_counter()
-    g.request_id = request.headers.get("x-fc-request-id") or uuid.uuid4().hex
-    view = current_app.view_functions[request.endpoint]
-    return current_app.ensure_sync(view)(**(request.view_args or {}))
 
 
 def _state():
@@ -81,6 +69,7 @@ def _state():
 
 
 @bp.post("/initialize")
+@public  # FC sends no client credentials to these routes
 def initialize():
     api, lifecycle = _state()
     with lifecycle.lock:  # FC calls once; a stray second call waits for the first and gets its report
@@ -112,6 +101,7 @@ def _load_and_warm(api, config: LifecycleConfig) -> dict:
 
 
 @bp.get("/pre-stop")
+@public  # FC sends no client credentials to these routes
 def pre_stop():
     api, lifecycle = _state()
     api.draining = True
@@ -124,6 +114,7 @@ def pre_stop():
 
 
 @bp.post("/invoke")
+@public  # FC sends no client credentials to these routes
 def invoke():
     try:
         call = events.call_from_event(request.get_data())
