@@ -227,35 +227,10 @@ def upscalers():
                            "scale": 4.0} for name in UPSCALERS])
 
 
-@bp.get("/latent-upscale-modes")
-def latent_upscale_modes():
-    return json_response([])
-
-
 @bp.get("/sd-models")
 def sd_models():
     return json_response([{"title": m.title, "model_name": m.name, "hash": m.short_hash, "sha256": m.sha256,
                            "filename": str(m.path), "config": None} for m in state().engine.available])
-
-
-@bp.get("/sd-vae")
-def sd_vae():
-    return json_response([])
-
-
-@bp.get("/hypernetworks")
-def hypernetworks():
-    return json_response([])
-
-
-@bp.get("/face-restorers")
-def face_restorers():
-    return json_response([])
-
-
-@bp.get("/realesrgan-models")
-def realesrgan_models():
-    return json_response([])
 
 
 @bp.get("/prompt-styles")
@@ -268,24 +243,9 @@ def embeddings():
     return json_response({"loaded": {}, "skipped": {}})
 
 
-@bp.get("/loras")
-def loras():
-    return json_response([])
-
-
 @bp.get("/scripts")
 def scripts():
     return json_response({"txt2img": [], "img2img": []})
-
-
-@bp.get("/script-info")
-def script_info():
-    return json_response([])
-
-
-@bp.get("/extensions")
-def extensions():
-    return json_response([])
 
 
 @bp.get("/memory")
@@ -333,6 +293,20 @@ def reload_checkpoint():
     with state().queue:
         state().engine.load()
     return json_response({})
+
+
+# Lists of things sdfc has none of (no latent upscalers, separate VAEs, hypernetworks, face restorers,
+# LoRAs, scripts or extensions yet): A1111's shape, empty.
+EMPTY_LISTS = ("latent-upscale-modes", "sd-vae", "hypernetworks", "face-restorers", "realesrgan-models",
+               "loras", "script-info", "extensions")
+
+
+def _empty_list():
+    return json_response([])
+
+
+for _route in EMPTY_LISTS:
+    bp.add_url_rule(f"/{_route}", endpoint=_route.replace("-", "_"), view_func=_empty_list, methods=["GET"])
 
 
 def _not_supported(route: str):
