@@ -105,20 +105,14 @@ def _diffusers_describe(pipe) -> dict:
 def _optimum_imports() -> None:
     from diffusers import EulerDiscreteScheduler  # noqa: F401
     from optimum.onnxruntime import ORTStableDiffusionPipeline  # noqa: F401
-    from transformers import CLIPTokenizerFast  # noqa: F401
 
 
 def _optimum_load(job: Job):
     from diffusers import EulerDiscreteScheduler
     from optimum.onnxruntime import ORTStableDiffusionPipeline
-    from transformers import CLIPTokenizerFast
     scheduler = EulerDiscreteScheduler.from_pretrained(job.model_dir, subfolder="scheduler")
-    # Our export keeps only tokenizer.json, while model_index.json names the slow CLIPTokenizer (which
-    # needs vocab.json + merges.txt): hand optimum the fast tokenizer instead.
-    tokenizer = CLIPTokenizerFast.from_pretrained(job.model_dir / "tokenizer")
     provider = "CUDAExecutionProvider" if job.device == "cuda" else "CPUExecutionProvider"
-    pipe = ORTStableDiffusionPipeline.from_pretrained(job.model_dir, scheduler=scheduler, tokenizer=tokenizer,
-                                                      provider=provider)
+    pipe = ORTStableDiffusionPipeline.from_pretrained(job.model_dir, scheduler=scheduler, provider=provider)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

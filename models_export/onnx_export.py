@@ -7,6 +7,8 @@ Output layout (one folder per model, several such folders make a models director
                                     ({"1": "last_hidden_state", "2": "clip_skip_2", ...})
     tokenizer/tokenizer.json        fast tokenizer (loads in 75 ms instead of 180 ms from vocab + merges)
     text_encoder/model.onnx  unet/model.onnx  vae_decoder/model.onnx  vae_encoder/model.onnx (+ config.json)
+                                    each graph with its weights beside it in model.onnx_data, page aligned
+                                    so that onnxruntime memory-maps them (see external_data.py)
     scheduler/scheduler_config.json
 
 The export is written next to `out` and moved into place only when complete, so a models folder never
@@ -127,6 +129,7 @@ def export_diffusers(src: Path, out: Path, *, name: str | None = None, precision
         _export_onnx(src, staging, precision, validate)
         if clip_skip:
             manifest["clip_skip_outputs"] = _add_clip_skip(staging)
+        _move_weights_out_of_the_graphs(staging)
         _write_tokenizer_json(src, staging)
         _drop_local_paths(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -144,6 +147,14 @@ def _add_clip_skip(out: Path) -> dict[str, str]:
     with step("adding the CLIP-skip outputs to the text encoder"):
         outputs = add_clip_skip_outputs(out / "text_encoder" / "model.onnx")
     return {str(n): name for n, name in outputs.items()}
+
+
+def _move_weights_out_of_the_graphs(out: Path) -> None:
+    from models_export.external_data import move_weights_to_external_data
+
+    with step("writing the weights beside each graph (model.onnx_data)"):
+        for component in COMPONENTS:
+            move_weights_to_external_data(out / component / "model.onnx")
 
 
 def check_output_folder(out: Path) -> None:
@@ -189,6 +200,12 @@ def _write_tokenizer_json(src: Path, out: Path) -> None:
     fast = CLIPTokenizerFast.from_pretrained(str(src / "tokenizer"))
     shutil.rmtree(out / "tokenizer", ignore_errors=True)
     fast.save_pretrained(str(out / "tokenizer"), legacy_format=False)
+    # The exporter's model_index.json names the slow CLIPTokenizer, which needs the vocab.json and
+    # merges.txt dropped above: name the fast one so that diffusers/optimum load this folder as it is.
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "CLIPTokenizerFast"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _make_readable(out: Path) -> None:

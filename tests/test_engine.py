@@ -140,6 +140,14 @@ def test_corrupt_onnx_file_is_named(tmp_path):
         Engine(tmp_path).generate(tiny_request())
 
 
+def test_missing_weights_file_is_named(tmp_path):
+    broken = tmp_path / "tiny-sd"
+    shutil.copytree(TINY_MODEL, broken)
+    (broken / "vae_decoder" / "model.onnx_data").unlink()
+    with pytest.raises(ModelLoadError, match=r"vae_decoder/model\.onnx"):
+        Engine(tmp_path).generate(tiny_request())
+
+
 def test_nan_output_is_a_clear_error(tmp_path):
     import onnx
     from onnx import helper, numpy_helper

@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +130,8 @@ def test_tiny_cli_regenerates_the_committed_fixture(cli_tiny):
     assert ours["source"] == committed["source"]
     # The exporter is deterministic: same weights, same ONNX bytes, same tokenizer.
     for component in COMPONENTS:
-        assert sha256(onnx_dir / component / "model.onnx") == sha256(TINY_MODEL / component / "model.onnx")
+        for name in ("model.onnx", "model.onnx_data"):
+            assert sha256(onnx_dir / component / name) == sha256(TINY_MODEL / component / name), name
     assert sha256(onnx_dir / "tokenizer" / "tokenizer.json") == sha256(FIXTURE_TOKENIZER / "tokenizer.json")
 
 
@@ -145,7 +147,7 @@ def test_exported_model_layout_manifest_and_modes(model_dir, cli_tiny):
     model_dir = TINY_MODEL if model_dir == "fixture" else cli_tiny[0]
     expected = {"sdfc.json", "model_index.json", "scheduler/scheduler_config.json",
                 "tokenizer/tokenizer.json"}
-    expected |= {f"{c}/{f}" for c in COMPONENTS for f in ("model.onnx", "config.json")}
+    expected |= {f"{c}/{f}" for c in COMPONENTS for f in ("model.onnx", "model.onnx_data", "config.json")}
     present = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
     assert expected <= present
     # Only the fast tokenizer is kept (the engine loads tokenizer.json; vocab + merges would be dead weight).
@@ -172,6 +174,45 @@ def test_onnx_names_the_engine_relies_on(component):
     inputs, output = ENGINE_IO[component]
     assert [i.name for i in graph.input] == inputs
     assert output in [o.name for o in graph.output]
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_weights_sit_beside_the_graph_at_page_aligned_offsets(component):
+    import onnx
+    from models_export.external_data import ALIGN_FROM, EMBED_BELOW, PAGE
+
+    path = TINY_MODEL / component / "model.onnx"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    data_size = (path.parent / "model.onnx_data").stat().st_size
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external, "no weight moved out of the graph"
+    for tensor in graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            assert len(tensor.raw_data) < EMBED_BELOW, tensor.name  # only shapes and scalars stay
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        offset, length = int(info["offset"]), int(info["length"])
+        assert info["location"] == "model.onnx_data" and offset + length <= data_size
+        if length >= ALIGN_FROM:
+            assert offset % PAGE == 0, (tensor.name, offset)  # onnxruntime maps only aligned offsets
+    # Everything of any size is outside: the graph file is small next to its data.
+    assert path.stat().st_size < data_size / 4
+
+
+def test_optimum_pipeline_loads_the_export_as_it_is():
+    """The folder works for the ecosystem too: fast tokenizer named in model_index.json, external data found."""
+    code = textwrap.dedent(f"""
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+        pipe = ORTStableDiffusionPipeline.from_pretrained({str(TINY_MODEL)!r}, provider="CPUExecutionProvider")
+        print("TOKENIZER", type(pipe.tokenizer).__name__)
+        image = pipe("a red cube", num_inference_steps=2, height=64, width=64).images[0]
+        print("SIZE", image.size)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TOKENIZER CLIPTokenizerFast" in proc.stdout and "SIZE (64, 64)" in proc.stdout
 
 
 def test_mid_size_unet_is_over_50m_parameters_and_tiny_under_1m():
