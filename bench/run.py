@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "models": {size: model.describe() for size, model in models.items()},
         "results": results,
         "ratios": rel,
-        "targets": {size: report.verdicts(size, r.get("sdfc", {})) for size, r in rel.items()},
+        "targets": {size: report.verdicts(size, rel[size].get("sdfc", {}), report.floors(by_impl))
+                    for size, by_impl in results.items()},
         "total_s": round(time.monotonic() - t0, 1),
     }
     text = report.markdown(full)

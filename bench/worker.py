@@ -200,6 +200,7 @@ def measure(impl_name: str, job: Job, runs: int, first_image: Path, process_star
     phases["load_s"] = since(t)
     # Ready to serve: what a server's cold start costs before any request's own work.
     phases["start_to_ready_s"] = since(process_start)
+    rss_at_ready = peak_rss_mib()  # imports + loaded weights, before any activation
     t = time.monotonic()
     image = impl.generate(pipe, job)
     image.save(first_image)
@@ -218,7 +219,8 @@ def measure(impl_name: str, job: Job, runs: int, first_image: Path, process_star
         "cfg_scale": job.cfg_scale, "sampler": "Euler", "runs": runs,
         **phases,
         "warm_s": warm, "warm_median_s": statistics.median(warm) if warm else None,
-        "peak_rss_mib": round(peak_rss_mib(), 1), "peak_rss_after_first_image_mib": round(rss_after_first, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1), "peak_rss_at_ready_mib": round(rss_at_ready, 1),
+        "peak_rss_after_first_image_mib": round(rss_after_first, 1),
         "image_size": list(image.size), "os_threads": os_thread_count(),
         "torch_imported": "torch" in sys.modules, "gpu": gpu_name(job.device),
         **impl.describe(pipe),

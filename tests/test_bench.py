@@ -37,7 +37,7 @@ def test_sdfc_worker_reports_sane_measurements(tmp_path):
     assert r["start_to_first_image_s"] >= r["imports_s"] + r["load_s"] + r["first_image_s"] - 0.01
     assert len(r["warm_s"]) == 1 and r["warm_median_s"] == r["warm_s"][0] > 0
     assert 10 < r["peak_rss_mib"] < 4096
-    assert r["peak_rss_mib"] >= r["peak_rss_after_first_image_mib"]
+    assert r["peak_rss_mib"] >= r["peak_rss_after_first_image_mib"] >= r["peak_rss_at_ready_mib"] > 10
     assert r["providers"] == ["CPUExecutionProvider"]
     assert r["ort_session"]["intra_op_num_threads"] == 0  # left on onnxruntime's default, and recorded
 
@@ -53,3 +53,17 @@ def test_ratios_and_verdicts():
     assert report.verdicts("mid", rel["sdfc"])["warm_median_s"]["verdict"] == "PASS"  # 0.9 <= 1.0 on mid
     assert verdicts["peak_rss_mib"]["verdict"] == "MISS"           # 0.5 > 0.4
     assert report.ratios({"sdfc": {"cold_start_s": 1.0}})["sdfc"]["cold_start_s"] is None  # no baseline
+
+
+def test_floors_say_what_no_start_up_or_memory_work_can_beat():
+    results = {"diffusers": {"cold_start_s": 20.0, "peak_rss_mib": 1000.0},
+               "sdfc": {"cold_start_s": 12.0, "first_image_s": 10.0, "peak_rss_mib": 500.0,
+                        "peak_rss_at_ready_mib": 400.0}}
+    floor = report.floors(results)
+    assert floor == {"cold_start_s": 0.5, "peak_rss_mib": 0.4}
+    verdicts = report.verdicts("mid", report.ratios(results)["sdfc"], floor)
+    assert verdicts["cold_start_s"] == {"ratio": 0.6, "limit": 0.2, "verdict": "MISS", "floor": 0.5}
+    assert verdicts["warm_median_s"]["floor"] is None
+    table = "\n".join(report.targets_table({"mid": verdicts}))
+    assert "0.60× ≤ 0.2× MISS (floor 0.50×)" in table and "0.50× ≤ 0.4× MISS (floor 0.40×)" in table
+    assert report.floors({"sdfc": {"first_image_s": 1.0}})["cold_start_s"] is None  # no baseline
