@@ -5,7 +5,7 @@ out of it, so a session's load holds the weights twice. With external data it me
 whose file offset is page aligned instead: weights that a kernel repacks (MatMul, Conv) are never paged in,
 and a weight read sparsely (the text encoder's 49408-row token embedding: 96 MiB on the mid model, of
 which a prompt touches a few rows) stays on disk. Measured on the 51.5 M-parameter bench model: resident
-after load 605 -> 396 MiB, peak over a generation 702 -> 503 MiB, same outputs bit for bit.
+after load 605 -> 396 MiB, peak over a generation 702 -> 503 MiB, the same images.
 
 The data file is named like optimum's own (`model.onnx_data`, found by onnxruntime relative to the graph),
 so optimum's ORT pipeline loads the same folder, and a full-size UNet (over protobuf's 2 GB limit) already
