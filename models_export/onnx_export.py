@@ -191,7 +191,7 @@ def _drop_local_paths(out: Path) -> None:
     for config in [out / "model_index.json", *out.glob("*/config.json")]:
         data = json.loads(config.read_text())
         if data.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            _write_config(config, data)
 
 
 def _write_tokenizer_json(src: Path, out: Path) -> None:
@@ -205,7 +205,12 @@ def _write_tokenizer_json(src: Path, out: Path) -> None:
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
     index["tokenizer"] = ["transformers", "CLIPTokenizerFast"]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _write_config(index_path, index)
+
+
+def _write_config(path: Path, data: dict) -> None:
+    # One layout for every JSON config the export rewrites: the fixture's bytes depend on it.
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _make_readable(out: Path) -> None:
