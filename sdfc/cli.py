@@ -20,10 +20,10 @@ def main(argv: list[str] | None = None) -> int:
             return export_main(argv[1:])
         from bench.run import main as bench_main
         return bench_main(argv[1:])
-    serve = sub.add_parser("serve", help="serve the A1111 API (and every local part) with gunicorn")
+    serve = sub.add_parser("serve", help="serve the A1111 API (and every local part) in one process")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7860)
-    serve.add_argument("--threads", type=int, default=4)
+    serve.add_argument("--threads", type=int, default=None, help="request threads (default: SDFC_THREADS or 16)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -33,15 +33,16 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args) -> int:
     from .app import create_app
     from .config import ConfigError, Settings
-    from .server import serve
+    from .server import ServerConfig, serve
 
     try:
         settings = Settings.from_env()
         settings.check_listen(args.host)
+        config = ServerConfig.from_env(threads=args.threads)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    serve(create_app(settings), args.host, args.port, threads=args.threads)
+    serve(create_app(settings), args.host, args.port, config)
     return 0
 
 

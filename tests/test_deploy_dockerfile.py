@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from sdfc.server import ServerConfig
+
 from .deploy_support import DOCKERFILE, ROOT, check, container_command, exec_form, image_env, instructions, last
 
 LOCK = ROOT / "functions/sdapi/requirements.txt"
-GUNICORN_CONF = ROOT / "functions/sdapi/gunicorn.conf.py"
+ENTRYPOINT = ROOT / "functions/sdapi/main.py"
 
 
 def build_args() -> dict:
@@ -60,18 +62,19 @@ def test_no_secret_is_baked_into_the_image():
     assert "SDFC_AUTH" not in text and "SDFC_DATABASE_URL" not in text
 
 
-def test_the_server_binds_0_0_0_0_port_9000_with_one_worker():
+def test_the_server_binds_0_0_0_0_port_9000_in_one_process():
     assert last("EXPOSE") == "9000" and image_env()["SDFC_PORT"] == "9000"
-    conf = runpy.run_path(str(GUNICORN_CONF))
-    assert conf["bind"] == "0.0.0.0:9000" and conf["workers"] == 1
-    assert conf["threads"] == int(image_env()["SDFC_THREADS"])
+    entry = runpy.run_path(str(ENTRYPOINT))  # not as __main__: nothing is served
+    assert entry["bind"](image_env()) == ("0.0.0.0", 9000)
+    # One process (one copy of the model): the server has no worker processes; its threads follow the image.
+    assert ServerConfig.from_env(image_env()).threads == int(image_env()["SDFC_THREADS"])
 
 
-def test_the_command_is_exec_form_gunicorn_with_this_config():
+def test_the_command_is_exec_form_python_running_the_entrypoint_module():
     assert exec_form("CMD") == container_command()  # no ENTRYPOINT wrapping it in a shell
-    assert container_command()[:3] == ["gunicorn", "--config", "functions/sdapi/gunicorn.conf.py"]
-    module = container_command()[-1].split(":")[0]  # resolved in WORKDIR, where functions/sdapi is copied
-    assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
+    assert container_command()[:2] == ["python", "-m"]  # python itself gets FC's SIGTERM and drains
+    module = container_command()[2]  # resolved in WORKDIR, where functions/sdapi is copied
+    assert ROOT / (module.replace(".", "/") + ".py") == ENTRYPOINT
 
 
 def test_dependencies_install_from_the_lock_with_hashes():

@@ -133,7 +133,7 @@ def test_sd_api_is_a_gpu_container_on_port_9000_with_lifecycle_hooks():
     assert drain < hooks["preStop"]["timeout"]
 
 
-def test_gunicorn_threads_cover_the_instance_concurrency():
+def test_server_threads_cover_the_instance_concurrency():
     threads = int(props("sdfc-api")["environmentVariables"].get("SDFC_THREADS") or image_env()["SDFC_THREADS"])
     assert threads >= props("sdfc-api")["instanceConcurrency"]
 

@@ -1,12 +1,45 @@
-"""sd-api's entrypoint: gunicorn serves `app` (see the Dockerfile's CMD); the logic is in sdfc.fc.compose."""
+"""sd-api's entrypoint, the Dockerfile's CMD: `python -m functions.sdapi.main` serves the app (sdfc.fc.compose)
+in this one process with sdfc.server, which drains on FC's SIGTERM.
+
+Serving settings come from the environment: SDFC_PORT (9000, customContainerConfig's port), SDFC_THREADS (keep
+it >= the function's instanceConcurrency in s.yaml, or FC would send requests that wait for a thread),
+SDFC_HEADER_TIMEOUT_S, SDFC_BODY_TIMEOUT_S, SDFC_IDLE_TIMEOUT_S, SDFC_DRAIN_SECONDS (sdfc/server.py).
+"""
+from __future__ import annotations
+
 import logging
+import os
+import sys
+from typing import Mapping
 
-from sdfc.config import Settings
-from sdfc.fc.compose import create_sdapi_app
+# FC forwards to the port in customContainerConfig; 127.0.0.1 would give FunctionNotStarted.
+HOST = "0.0.0.0"
+DEFAULT_PORT = 9000
 
-# gunicorn configures only its own loggers: without this the per-request JSON lines would go nowhere.
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-settings = Settings.from_env()
-settings.check_listen("0.0.0.0")  # a ConfigError here stops the worker: no open API without strong SDFC_AUTH
-app = create_sdapi_app(settings)
+def bind(env: Mapping[str, str] | None = None) -> tuple[str, int]:
+    env = os.environ if env is None else env
+    return HOST, int(env.get("SDFC_PORT") or DEFAULT_PORT)
+
+
+def main() -> int:
+    from sdfc.config import ConfigError, Settings
+    from sdfc.fc.compose import create_sdapi_app
+    from sdfc.server import ServerConfig, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = bind()
+    try:
+        settings = Settings.from_env()
+        settings.check_listen(host)  # no open API without strong SDFC_AUTH
+        config = ServerConfig.from_env()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # The server listens at once; models load in FC's POST /initialize (sdfc/fc/lifecycle.py).
+    serve(create_sdapi_app(settings), host, port, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
