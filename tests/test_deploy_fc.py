@@ -15,11 +15,18 @@ from sdfc.fc.compose import create_sdapi_app, create_web_app
 from .conftest import MODELS_DIR
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"alice:Wonder-land42").decode()}
+# What FC's environment says in every instance: x-fc-* headers are FC's own there (sdfc/fc/gateway.py).
+FC_ENV = {"FC_INSTANCE_ID": "c-test-1", "FC_FUNCTION_NAME": "sdfc-api"}
+
+
+def fc_call(control_path: str, **headers) -> dict:
+    """The headers of FC's own call of a hook (x-fc-control-path names it)."""
+    return {"x-fc-control-path": control_path, "x-fc-request-id": f"fc{control_path.replace('/', '-')}", **headers}
 
 
 def settings(tmp_path, **extra) -> Settings:
     return Settings.from_env({"SDFC_AUTH": "alice:Wonder-land42", "SDFC_DATA_DIR": str(tmp_path),
-                              "SDFC_MODELS_DIR": str(MODELS_DIR), "SDFC_DISPATCH": "local", **extra})
+                              "SDFC_MODELS_DIR": str(MODELS_DIR), "SDFC_DISPATCH": "local", **FC_ENV, **extra})
 
 
 @pytest.fixture()
@@ -62,12 +69,27 @@ def test_bad_events_are_refused_with_the_reason(event, message):
 
 # --- lifecycle -----------------------------------------------------------------------------------------------
 
-def test_lifecycle_routes_answer_without_client_credentials_but_the_api_does_not(sdapi):
+def test_lifecycle_routes_answer_fc_calls_without_client_credentials_and_nothing_else(sdapi):
     client = sdapi.test_client()
     assert client.get("/sdapi/v1/options").status_code == 401
-    assert client.get("/pre-stop").status_code == 200
-    r = client.post("/initialize", headers={"x-fc-request-id": "init-9"})
+    # A client's request through the HTTP trigger: FC's gateway says /http-invoke, whatever the path.
+    assert client.get("/pre-stop", headers=fc_call("/http-invoke")).status_code == 404
+    assert client.get("/pre-stop", headers=AUTH).status_code == 404  # client credentials are no FC call
+    assert client.post("/initialize", headers=fc_call("/pre-stop")).status_code == 404  # another hook's call
+    assert not sdapi.extensions["sdfc"].draining
+    r = client.post("/initialize", headers=fc_call("/initialize", **{"x-fc-request-id": "init-9"}))
     assert r.status_code == 200 and r.headers["X-Request-Id"] == "init-9"
+    assert client.get("/pre-stop", headers=fc_call("/pre-stop")).status_code == 200
+
+
+def test_outside_fc_lifecycle_routes_need_credentials(tmp_path):
+    app = create_sdapi_app(Settings.from_env({"SDFC_AUTH": "alice:Wonder-land42", "SDFC_DATA_DIR": str(tmp_path),
+                                              "SDFC_MODELS_DIR": str(MODELS_DIR), "SDFC_DISPATCH": "local"}))
+    client = app.test_client()
+    assert client.get("/pre-stop", headers=fc_call("/pre-stop")).status_code == 401  # anyone can send that
+    assert not app.extensions["sdfc"].draining
+    assert client.get("/pre-stop", headers=AUTH).status_code == 200
+    app.extensions["sdfc.records"].close(5)
 
 
 def test_sd_api_leaves_the_gallery_to_the_web_function(sdapi):
@@ -79,19 +101,22 @@ def test_sd_api_leaves_the_gallery_to_the_web_function(sdapi):
 
 def test_initialize_fails_when_cuda_is_required_but_absent(tmp_path):
     app = create_sdapi_app(settings(tmp_path, SDFC_DEVICE="cuda"), lifecycle.LifecycleConfig(require_cuda=True))
-    r = app.test_client().post("/initialize")
+    r = app.test_client().post("/initialize", headers=fc_call("/initialize"))
     assert r.status_code == 500 and "SDFC_REQUIRE_CUDA" in r.json["detail"]
     app.extensions["sdfc.records"].close(5)
 
 
 def test_invoke_refuses_lifecycle_paths_and_flags_failures_for_fc(sdapi):
     client = sdapi.test_client()
-    r = client.post("/invoke", data=json.dumps({"rawPath": "/invoke", "body": "{}"}))
+    invoke = fc_call("/invoke")
+    r = client.post("/invoke", data=json.dumps({"rawPath": "/invoke", "body": "{}"}), headers=invoke)
     assert r.status_code == 400 and r.headers["x-fc-status"] == "404"
-    r = client.post("/invoke", data=json.dumps({"rawPath": "/sdapi/v1/txt2img", "body": {"steps": 1}}))
+    r = client.post("/invoke", data=json.dumps({"rawPath": "/sdapi/v1/txt2img", "body": {"steps": 1}}),
+                    headers=invoke)
     assert r.status_code == 200 and r.json["statusCode"] == 401  # the event's request has no credentials
     assert r.headers["x-fc-status"] == "404"  # FC marks the invocation failed: async retries, onFailure
-    r = client.post("/invoke", data=json.dumps({"rawPath": "/sdapi/v1/samplers", "headers": AUTH}))
+    r = client.post("/invoke", data=json.dumps({"rawPath": "/sdapi/v1/samplers", "headers": AUTH}),
+                    headers=invoke)
     assert r.json["statusCode"] == 200 and "x-fc-status" not in r.headers
     assert any(s["name"] == "Euler" for s in json.loads(r.json["body"]))
 
@@ -104,7 +129,7 @@ def test_pre_stop_waits_for_in_flight_requests_then_drains_the_records(sdapi):
     tracker.__enter__()
     threading.Timer(0.3, tracker.__exit__, (None, None, None)).start()
     started = time.monotonic()
-    r = sdapi.test_client().get("/pre-stop")
+    r = sdapi.test_client().get("/pre-stop", headers=fc_call("/pre-stop"))
     assert time.monotonic() - started >= 0.25
     assert r.status_code == 200 and r.json == {"drained": True, "in_flight": 0} and api.draining
     assert drained and 0 < drained[0] <= hooks.config.drain_s
@@ -113,7 +138,7 @@ def test_pre_stop_waits_for_in_flight_requests_then_drains_the_records(sdapi):
 def test_pre_stop_reports_a_drain_that_ran_out_of_time(tmp_path):
     app = create_sdapi_app(settings(tmp_path), lifecycle.LifecycleConfig(drain_s=0.2))
     app.extensions["sdfc"].track().__enter__()  # a request that never ends
-    r = app.test_client().get("/pre-stop")
+    r = app.test_client().get("/pre-stop", headers=fc_call("/pre-stop"))
     assert r.status_code == 503 and r.json == {"drained": False, "in_flight": 1}
     app.extensions["sdfc.records"].close(5)
 

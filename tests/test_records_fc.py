@@ -126,13 +126,20 @@ def fc_writer(records_db, tmp_path, monkeypatch):
     index.pre_stop(None)
 
 
-def wait_for_row(store, request_id: str, timeout: float = 20) -> dict:
+def wait_for_row(store, prompt: str, timeout: float = 20) -> dict:
+    """The record of the generation with this prompt (each generation has its own record key)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (row := store.find(request_id, 0)) is not None:
+        if (row := row_with_prompt(store, prompt)) is not None:
             return row
         time.sleep(0.05)
-    raise AssertionError(f"no record for {request_id}")
+    raise AssertionError(f"no record for {prompt[:40]!r}")
+
+
+def row_with_prompt(store, prompt: str) -> dict | None:
+    rows = store._fetch(f"SELECT `id` FROM `generated_images` WHERE `prompt` = {store.placeholder}", (prompt,))
+    assert len(rows) <= 1, f"{len(rows)} records for {prompt[:40]!r}"
+    return store.get(rows[0]["id"], with_image=True) if rows else None
 
 
 def generate(server, request_id: str, headers: dict | None = None, **payload) -> requests.Response:
@@ -151,41 +158,43 @@ def test_txt2img_reaches_mariadb_through_fc(api, fc_writer, records_db, tmp_path
                   access_key_id=key_id, security_token=token).start()
     env = {"SDFC_DISPATCH": api, "SDFC_FC_ENDPOINT": stub.url, "SDFC_RECORDS_FUNCTION": "sdfc-records",
            "SDFC_RECORDS_SERVICE": "sdfc", "SDFC_OUTPUTS_DIR": str(outputs), "SDFC_DISPATCH_MAX_BACKOFF_S": "0.3"}
+    if api == "fc3":
+        env.update(FC_INSTANCE_ID="c-records-e2e", FC_FUNCTION_NAME="sdfc-api")  # x-fc-* headers are FC's there
     if api == "fc2":
         env.update(ALIBABA_CLOUD_ACCESS_KEY_ID="AK-ENV", ALIBABA_CLOUD_ACCESS_KEY_SECRET="secret-e",
                    ALIBABA_CLOUD_SECURITY_TOKEN="sts-token-e")
     server = start_server(tmp_path, env=env)
     store = open_store(mariadb.url(records_db))
     headers = ROLE_HEADERS if api == "fc3" else {}
+    prompt, long_prompt, outage_prompt = f"over FC ({api})", f"{api} " + "🎨" * 16_000, f"during an outage ({api})"
     try:
-        response = generate(server, f"{api}-e2e", headers, prompt="over FC", negative_prompt="blur", seed=99,
+        response = generate(server, f"{api}-e2e", headers, prompt=prompt, negative_prompt="blur", seed=99,
                             cfg_scale=4.5)
-        row = wait_for_row(store, f"{api}-e2e")
+        row = wait_for_row(store, prompt)
         assert {k: row[k] for k in ("prompt", "negative_prompt", "steps", "seed", "cfg_scale", "size", "model")} \
-            == {"prompt": "over FC", "negative_prompt": "blur", "steps": "2", "seed": "99", "cfg_scale": "4.5",
+            == {"prompt": prompt, "negative_prompt": "blur", "steps": "2", "seed": "99", "cfg_scale": "4.5",
                 "size": "64x64", "model": "tiny-sd"}
         assert base64.b64decode(row["image_base64"]) == base64.b64decode(response.json()["images"][0])
-        sent = [i for i in stub.accepted("Async") if json.loads(i.body)["request_id"] == f"{api}-e2e"]
+        sent = [i for i in stub.accepted("Async") if json.loads(i.body)["request_id"] == row["request_id"]]
         assert len(sent) == 1 and len(sent[0].body) < 4096  # metadata and a key, never the image
         assert row["image_key"] == json.loads(sent[0].body)["image_key"]
 
         # A prompt whose event exceeds FC's 128 KB async cap travels by key as well, and is stored verbatim.
-        long_prompt = "🎨" * 16_000
         generate(server, f"{api}-long", headers, prompt=long_prompt)
-        assert wait_for_row(store, f"{api}-long")["prompt"] == long_prompt
-        long_sent = [i for i in stub.accepted("Async") if json.loads(i.body)["request_id"] == f"{api}-long"]
+        long_row = wait_for_row(store, long_prompt)
+        long_sent = [i for i in stub.accepted("Async") if json.loads(i.body)["request_id"] == long_row["request_id"]]
         assert "event_key" in json.loads(long_sent[0].body) and len(long_sent[0].body) < 1024
 
         # FC unavailable for a while: records wait in the spool and arrive once it answers again.
         stub.functions_backup, stub.functions = stub.functions, {}
-        generate(server, f"{api}-outage", headers, prompt="during an outage")
+        generate(server, f"{api}-outage", headers, prompt=outage_prompt)
         time.sleep(1.0)
-        assert store.find(f"{api}-outage", 0) is None
+        assert row_with_prompt(store, outage_prompt) is None
         stub.functions = stub.functions_backup
-        assert wait_for_row(store, f"{api}-outage")["prompt"] == "during an outage"
+        assert wait_for_row(store, outage_prompt)["prompt"] == outage_prompt
         assert stub.wait_async_done(10)
-        counts = mariadb.fetch(records_db, "SELECT COUNT(*) AS n FROM generated_images WHERE request_id LIKE %s",
-                               (f"{api}-%",))
+        counts = mariadb.fetch(records_db, "SELECT COUNT(*) AS n FROM generated_images WHERE prompt IN (%s, %s, %s)",
+                               (prompt, long_prompt, outage_prompt))
         assert counts[0]["n"] == 3
     finally:
         server.stop()

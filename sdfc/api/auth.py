@@ -5,7 +5,7 @@ import base64
 import binascii
 import hmac
 
-from flask import request
+from flask import g, request
 
 from .errors import a1111_error
 
@@ -13,13 +13,26 @@ CHALLENGE = {"WWW-Authenticate": 'Basic realm="sdfc", charset="UTF-8"'}
 
 
 def public(view):
-    """Mark a view as answered without credentials (FC's own lifecycle calls carry none)."""
+    """Mark a view as answered without credentials."""
     view.sdfc_public = True
     return view
 
 
 def is_public(app, endpoint: str | None) -> bool:
     return bool(getattr(app.view_functions.get(endpoint), "sdfc_public", False))
+
+
+def platform_hook(control_path: str):
+    """Mark a view as a hook of the platform (FC's `/initialize`, `/pre-stop`, `/invoke`): in FC it answers
+    only FC's own call of that hook (see sdfc/fc/gateway.py), elsewhere only a client with credentials."""
+    def mark(view):
+        view.sdfc_platform_hook = control_path
+        return view
+    return mark
+
+
+def platform_hook_of(app, endpoint: str | None) -> str | None:
+    return getattr(app.view_functions.get(endpoint), "sdfc_platform_hook", None)
 
 
 def credentials_from_header(header: str | None) -> tuple[str, str] | None:
@@ -52,4 +65,10 @@ def check(users: dict[str, str]):
         ok |= same_user and same_password
     if not ok:
         return a1111_error(401, "HTTPException", "Incorrect username or password", headers=CHALLENGE)
+    g.user = user
     return None
+
+
+def user_of() -> str:
+    """The user this request authenticated as; "" on a server without SDFC_AUTH (one local user)."""
+    return g.get("user", "")

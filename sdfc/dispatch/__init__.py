@@ -28,15 +28,19 @@ class RecordPipeline:
     dispatcher: Dispatcher
     credentials: CredentialSource
 
-    def observe_request(self, headers: Mapping[str, str]) -> None:
-        """Remember the FC role credentials a request carries; start the worker in this process.
+    def start(self) -> None:
+        """Start the worker in this process (flushing what a previous one left in the spool).
 
         Called before every request: it must never fail one."""
         try:
-            self.credentials.remember(headers)
             self.dispatcher.start()
         except Exception:  # noqa: BLE001
             log.exception("records dispatcher could not start; records wait in the spool")
+
+    def remember_credentials(self, headers: Mapping[str, str]) -> None:
+        """Take FC's role credentials from a request's `x-fc-access-key-*` headers. The caller decides that
+        the headers are FC's: only for an authenticated request in FC (sdfc/app.py)."""
+        self.credentials.remember(headers)
 
     def close(self, timeout: float | None = None) -> bool:
         return self.dispatcher.close(timeout)

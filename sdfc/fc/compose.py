@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flask import Flask, request
 
-from ..api.auth import is_public
+from ..api.auth import is_public, platform_hook_of
 from ..api.errors import json_response
 from ..app import create_app
 from ..config import Settings
@@ -35,7 +35,7 @@ def create_sdapi_app(settings: Settings | None = None,
     @app.before_request
     def _api_only():
         if (request.url_rule is not None and not request.path.startswith(SDAPI_PATHS)
-                and not is_public(app, request.endpoint)):
+                and not is_public(app, request.endpoint) and platform_hook_of(app, request.endpoint) is None):
             return _not_here("web (CPU)")
         return None
 

@@ -1,9 +1,11 @@
 """FC's instance lifecycle on sd-api: `POST /initialize`, `GET /pre-stop`, and event calls on `POST /invoke`.
 
-FC calls these itself, without the client's Basic credentials, so they are marked public. That is
-safe by construction: `/initialize` is idempotent (a second call returns at once), `/pre-stop` only waits for
-work in progress, and `/invoke` replays the request inside its event through the whole app, Basic auth
-included.
+FC calls these itself, without the client's Basic credentials. They are platform hooks (sdfc/api/auth.py):
+in FC each answers only FC's own call of it, told by the `x-fc-control-path` header FC's gateway sets and
+clients cannot (sdfc/fc/gateway.py); anything else gets 404, as for a route that does not exist. Outside FC
+(the image run by hand) nobody can tell FC's calls from a client's, so they need Basic credentials there.
+`/invoke` replays the request inside its event through the whole app, Basic auth included, and refuses any
+event that the app would route to a hook (itself included), however the path is spelled.
 
 The server listens before any model is loaded (FC wants a listening port within 120 s); `/initialize` then
 creates the ONNX sessions and runs one denoising step at the smallest size (up to 300 s are allowed), so that
@@ -22,10 +24,11 @@ from typing import Callable
 
 from flask import Blueprint, Flask, current_app, g, request
 
-from ..api.auth import public
+from ..api.auth import platform_hook, platform_hook_of
 from ..api.errors import a1111_error, json_response
+from ..api.state import ANSWERS_SENT, DEFAULT_DRAIN_S, drain_seconds
 from ..engine import GenerationRequest
-from . import events
+from . import events, gateway
 
 log = logging.getLogger("sdfc.fc")
 bp = Blueprint("fc", __name__)
@@ -37,14 +40,14 @@ SMALLEST_SIZE = 64  # A1111's minimum width/height: an 8×8 latent
 class LifecycleConfig:
     warmup_size: int = SMALLEST_SIZE  # 0 skips the warm-up step
     require_cuda: bool = False        # fail /initialize when onnxruntime fell back to the CPU
-    drain_s: float = 80.0             # under FC's 90 s PreStop limit
+    drain_s: float = DEFAULT_DRAIN_S  # under FC's 90 s PreStop limit
 
     @classmethod
     def from_env(cls, env=None) -> "LifecycleConfig":
         env = os.environ if env is None else env
         return cls(warmup_size=int(env.get("SDFC_WARMUP_SIZE") or SMALLEST_SIZE),
                    require_cuda=env.get("SDFC_REQUIRE_CUDA", "0") in ("1", "true", "yes"),
-                   drain_s=float(env.get("SDFC_DRAIN_SECONDS") or 80.0))
+                   drain_s=drain_seconds(env))
 
 
 @dataclass
@@ -69,7 +72,7 @@ def _state():
 
 
 @bp.post("/initialize")
-@public  # FC sends no client credentials to these routes
+@platform_hook("/initialize")
 def initialize():
     api, lifecycle = _state()
     with lifecycle.lock:  # FC calls once; a stray second call waits for the first and gets its report
@@ -101,35 +104,48 @@ def _load_and_warm(api, config: LifecycleConfig) -> dict:
 
 
 @bp.get("/pre-stop")
-@public  # FC sends no client credentials to these routes
+@platform_hook("/pre-stop")
 def pre_stop():
     api, lifecycle = _state()
-    api.draining = True
     deadline = time.monotonic() + lifecycle.config.drain_s
-    idle = api.wait_idle(lifecycle.config.drain_s)
+    # Refuse new work, let running and queued jobs finish (past the budget they fail cleanly), as SIGTERM does.
+    idle = api.drain(lifecycle.config.drain_s * 0.9, grace=lifecycle.config.drain_s * 0.05)
     drained = [drain(max(0.0, deadline - time.monotonic())) for drain in lifecycle.drains]
+    # FC stops the instance once this returns: the other answers must have left, not only been computed.
+    answers_sent = current_app.extensions.get(ANSWERS_SENT)
+    while answers_sent is not None and not answers_sent() and time.monotonic() < deadline:
+        time.sleep(0.02)
     body = {"drained": idle and all(drained), "in_flight": api.in_flight}
     log.info("pre-stop: %s", body)
     return json_response(body, 200 if body["drained"] else 503)
 
 
 @bp.post("/invoke")
-@public  # FC sends no client credentials to these routes
+@platform_hook("/invoke")
 def invoke():
+    app = current_app._get_current_object()
     try:
         call = events.call_from_event(request.get_data())
+        # The invocation's trusted x-fc-* headers (role credentials) travel on; none outside FC, and never the
+        # control path: the replayed request is no call of FC's.
+        fc_headers = {k: v for k, v in gateway.trusted_headers(request.headers, _settings().in_fc).items()
+                      if k != gateway.CONTROL_PATH}
+        environ = events.environ_for(call, fc_headers, request_id=g.request_id)
     except events.EventError as exc:
         return _event_failed(400, str(exc))
-    if call.path in ("/invoke", "/initialize", "/pre-stop"):
-        return _event_failed(400, f"{call.path} cannot be called through /invoke")
-    # The real request's x-fc-* headers come from FC (it drops clients' own): pass them on, request id included.
-    fc_headers = {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-fc-")}
-    fc_headers.setdefault("x-fc-request-id", g.request_id)
-    result = events.run(current_app._get_current_object(), call, fc_headers)
+    # Resolved by the app's own URL map on the environ that will run, so no spelling of the path
+    # (percent-encoding, doubled slashes, ...) can reach a hook: no nesting, no second drain or load.
+    if platform_hook_of(app, events.endpoint_for(app, environ)) is not None:
+        return _event_failed(400, f"{call.path} is one of FC's hooks and cannot be called through /invoke")
+    result = events.run_environ(app, environ)
     response = json_response(result)
     if result["statusCode"] >= 400:
         response.headers["x-fc-status"] = "404"  # FC counts the invocation failed: async retries apply
     return response
+
+
+def _settings():
+    return current_app.extensions["sdfc"].settings
 
 
 def _event_failed(status: int, detail: str):

@@ -2,7 +2,9 @@
 locally, in-process behind the dispatcher.
 
 Idempotent: the row is keyed by (request_id, image_index), so a redelivered event (FC's async retries, the
-dispatcher's) updates the row it already wrote instead of adding one.
+dispatcher's) updates the row it already wrote instead of adding one. `request_id` is the generation's own
+record key, drawn by the server for each generation (sdfc/api/generation.py): no two generations share one,
+whatever ids their requests carried, so an upsert never replaces another generation's row.
 """
 from __future__ import annotations
 
