@@ -6,28 +6,36 @@ GET /gallery/api/images                 newest first; ?page, page_size (≤100),
 GET /gallery/api/images/<id>            one record with its infotext (?include=image adds image_base64)
 GET /gallery/api/images/<id>/image.png  the image as a PNG download carrying its infotext
 GET /gallery/api/models                 the model names present, for a filter
+
+Every read is a request-path read (see `RecordStore.gate`): when the database is slow or down the answer is a
+503 with Retry-After within the store's `request_timeout`, naming no host, user or driver error (those go to
+the server log).
 """
 from __future__ import annotations
 
 import base64
 import io
+import logging
+import re
 from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, Response, json, request
 
-from .store import GalleryQuery, RecordStore, StoreUnavailable
+from .store import MAX_RECORD_ID, GalleryQuery, RecordStore, StoreUnavailable
 
+log = logging.getLogger("sdfc.records")
 MAX_PAGE_SIZE = 100
+RECORD_ID = re.compile(r"[0-9]{1,20}")
 
 
 class BadParameter(ValueError):
     pass
 
 
-def _error(status: int, error: str, detail: str) -> Response:
+def _error(status: int, error: str, detail: str, headers: dict | None = None) -> Response:
     # The API's error shape ({error, detail, body, errors}), so clients parse one format.
     return Response(json.dumps({"error": error, "detail": detail, "body": "", "errors": detail},
-                               ensure_ascii=False), status=status, mimetype="application/json")
+                               ensure_ascii=False), status=status, mimetype="application/json", headers=headers)
 
 
 def _json(payload, status: int = 200) -> Response:
@@ -56,10 +64,28 @@ def _time_arg(name: str, end_of_day: bool = False) -> datetime | None:
     except ValueError:
         raise BadParameter(f"{name} must be a date (YYYY-MM-DD) or an ISO 8601 time, got {raw!r}") from None
     if when.tzinfo is not None:
-        when = when.astimezone(timezone.utc).replace(tzinfo=None)
+        when = _as_utc(when)
     if end_of_day and len(raw) == 10:
-        when += timedelta(days=1)
+        when = when + timedelta(days=1) if when.date() < datetime.max.date() else datetime.max
     return when
+
+
+def _as_utc(when: datetime) -> datetime:
+    """Naive UTC. A time whose UTC instant falls outside years 1..9999 (9999-12-31T23:00-12:00) is before or
+    after every stored row: it becomes datetime.min or datetime.max, which filter the same."""
+    try:
+        return when.astimezone(timezone.utc).replace(tzinfo=None)
+    except OverflowError:
+        return datetime.max if when.utcoffset() < timedelta(0) else datetime.min
+
+
+def _record_id(raw: str) -> int | None:
+    """The id in an image URL; None when the path names no record that can exist (negative, not a number,
+    beyond any id a table can hold)."""
+    if not RECORD_ID.fullmatch(raw):
+        return None
+    value = int(raw)
+    return value if 1 <= value <= MAX_RECORD_ID else None
 
 
 def _number(value):
@@ -117,7 +143,14 @@ def make_gallery_blueprint(store: RecordStore) -> Blueprint:
 
     @bp.errorhandler(StoreUnavailable)
     def _unavailable(exc):
-        return _error(503, "StoreUnavailable", f"the records database is not reachable: {exc}")
+        # The cause (host, port, driver error) is for operators; the client learns only when to retry.
+        log.warning("gallery %s %s: records database unavailable: %s", request.method, request.path, exc)
+        retry_after = max(1, round(exc.retry_after or store.request_timeout))
+        return _error(503, "StoreUnavailable", "the records database is not answering; try again shortly",
+                      headers={"Retry-After": str(retry_after)})
+
+    def _not_found(raw: str) -> Response:
+        return _error(404, "NotFound", f"no image with id {raw[:40]}")
 
     @bp.get("/images")
     def list_images():
@@ -125,22 +158,25 @@ def make_gallery_blueprint(store: RecordStore) -> Blueprint:
             text=request.args.get("q") or None, model=request.args.get("model") or None,
             since=_time_arg("since"), until=_time_arg("until", end_of_day=True),
             page=_int_arg("page", 1, 1, 10**6), page_size=_int_arg("page_size", 20, 1, MAX_PAGE_SIZE))
-        rows, total = store.query(query)
+        rows, total = store.query(query, request=True)
         return _json({"items": [_item(r) for r in rows], "page": query.page, "page_size": query.page_size,
                       "total": total, "pages": (total + query.page_size - 1) // query.page_size})
 
-    @bp.get("/images/<int:record_id>")
-    def one_image(record_id: int):
-        row = store.get(record_id, with_image=request.args.get("include") == "image")
+    # <raw>, not <int:…>: any segment reaches us, so a malformed id gets this API's 404, not Flask's.
+    @bp.get("/images/<raw>")
+    def one_image(raw: str):
+        record_id, with_image = _record_id(raw), request.args.get("include") == "image"
+        row = None if record_id is None else store.get(record_id, with_image=with_image, request=True)
         if row is None:
-            return _error(404, "NotFound", f"no image with id {record_id}")
+            return _not_found(raw)
         return _json(_item(row, detail=True))
 
-    @bp.get("/images/<int:record_id>/image.png")
-    def download(record_id: int):
-        row = store.get(record_id, with_image=True)
+    @bp.get("/images/<raw>/image.png")
+    def download(raw: str):
+        record_id = _record_id(raw)
+        row = None if record_id is None else store.get(record_id, with_image=True, request=True)
         if row is None or not row.get("image_base64"):
-            return _error(404, "NotFound", f"no image with id {record_id}")
+            return _not_found(raw)
         data = png_with_infotext(base64.b64decode(row["image_base64"]), row.get("infotext"))
         name = f"sdfc-{record_id}-{row.get('seed') or 'image'}.png"
         return Response(data, mimetype="image/png",
@@ -148,6 +184,6 @@ def make_gallery_blueprint(store: RecordStore) -> Blueprint:
 
     @bp.get("/models")
     def models():
-        return _json({"models": store.models()})
+        return _json({"models": store.models(request=True)})
 
     return bp

@@ -1,7 +1,8 @@
 """SQLite: the embedded default (one file under the data dir), same table and columns as MySQL.
 
 One connection per store, used under a lock (the writer, gallery readers and tests share it). WAL mode and a
-busy timeout let separate processes (a gallery function, a writer) use one file.
+busy timeout let separate processes (a gallery function, a writer) use one file. A request-path reader waits
+for the lock at most `request_timeout`.
 """
 from __future__ import annotations
 
@@ -15,13 +16,11 @@ from . import schema
 from .events import RecordRejected
 from .store import WRITE_COLUMNS, RecordStore, StoreUnavailable
 
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
-
-
 class SqliteStore(RecordStore):
     placeholder = "?"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, **request_options):
+        super().__init__(**request_options)
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()
@@ -41,8 +40,10 @@ class SqliteStore(RecordStore):
         return conn
 
     @contextmanager
-    def cursor(self):
-        with self._lock:
+    def cursor(self, request: bool = False):
+        if not self._lock.acquire(timeout=self.request_timeout if request else -1):
+            raise StoreUnavailable(f"SQLite {self.path}: busy for over {self.request_timeout:g} s")
+        try:
             try:
                 if self._conn is None:
                     self._conn = self._open()
@@ -55,9 +56,12 @@ class SqliteStore(RecordStore):
                 raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
             finally:
                 cur.close()
+        finally:
+            self._lock.release()
 
     def _time_param(self, when: datetime):
-        return when.strftime(TIME_FORMAT)[:-3]
+        # Text that sorts as time: zero-padded years (strftime writes year 1 as "1"), milliseconds.
+        return when.replace(tzinfo=None).isoformat(sep=" ", timespec="milliseconds")
 
     def _row(self, row: dict) -> dict:
         if isinstance(row.get("created_at"), str):

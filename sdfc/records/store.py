@@ -2,10 +2,18 @@
 
 Subclasses provide a connection and their placeholder; the SQL here is shared. Every value reaches the
 database as a query parameter, never inside the SQL text.
+
+Reads made for an HTTP request (`request=True`: the gallery) go through a `RequestGate` and a cursor with short
+timeouts, so that a slow or hung database costs a request thread a few seconds at most and never all of them;
+the records writer (the dispatcher's background thread) keeps the long timeouts.
 """
 from __future__ import annotations
 
+import math
+import threading
+import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -16,8 +24,60 @@ WRITE_COLUMNS = tuple(c.name for c in ALL_COLUMNS)
 LIST_COLUMNS = ("id",) + tuple(c for c in WRITE_COLUMNS if c != "image_base64")
 
 
+# The largest id either backend can hold (SQLite's INTEGER; MySQL's `int` is smaller): beyond it no row exists,
+# and SQLite refuses to even bind the number.
+MAX_RECORD_ID = 2**63 - 1
+REQUEST_TIMEOUT_S = 5.0  # a request-path read waits at most this long on the database
+REQUEST_SLOTS = 2        # request threads that may wait on the database at once (the server has few)
+SLOT_WAIT_S = 0.25       # how long a request waits for a free slot before answering 503
+
+
 class StoreUnavailable(RuntimeError):
-    """The database cannot be reached right now: transient, retried by the dispatcher."""
+    """The database cannot be reached right now: transient, retried by the dispatcher.
+
+    `retry_after` (seconds), when set, is how soon a request-path caller should try again."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestGate:
+    """Bounds what request threads spend on the database.
+
+    At most `slots` of them wait on it at once; another waits `slot_wait_s` for a slot, then gives up (503).
+    After a request-path failure (a timeout, a refused connection) the gate stays shut for `cooldown_s`:
+    requests fail at once instead of each waiting out the timeout again on a database known to be down.
+    """
+
+    def __init__(self, slots: int = REQUEST_SLOTS, slot_wait_s: float = SLOT_WAIT_S,
+                 cooldown_s: float = REQUEST_TIMEOUT_S, clock=time.monotonic):
+        if slots < 1:
+            raise ValueError(f"request_slots must be at least 1, got {slots}")
+        self.slots = slots
+        self._slots = threading.BoundedSemaphore(slots)
+        self.slot_wait_s, self.cooldown_s, self._clock = slot_wait_s, cooldown_s, clock
+        self._shut_until = 0.0
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(max(self._shut_until - self._clock(), self.cooldown_s)))
+
+    @contextmanager
+    def enter(self):
+        if self._clock() < self._shut_until:
+            raise StoreUnavailable("the database failed a moment ago", retry_after=self._retry_after())
+        if not self._slots.acquire(timeout=self.slot_wait_s):
+            raise StoreUnavailable(f"{self.slots} request(s) already waiting on the database",
+                                   retry_after=self._retry_after())
+        try:
+            yield
+        except StoreUnavailable as exc:
+            self._shut_until = max(self._shut_until, self._clock() + self.cooldown_s)
+            if exc.retry_after is None:
+                exc.retry_after = self._retry_after()
+            raise
+        finally:
+            self._slots.release()
 
 
 @dataclass
@@ -38,32 +98,62 @@ def like_pattern(text: str) -> str:
 class RecordStore(ABC):
     placeholder = "?"
 
+    def __init__(self, request_timeout: float = REQUEST_TIMEOUT_S, request_slots: int = REQUEST_SLOTS):
+        if not request_timeout > 0:
+            raise ValueError(f"request_timeout must be a positive number of seconds, got {request_timeout}")
+        self.request_timeout = float(request_timeout)
+        self.gate = RequestGate(request_slots, slot_wait_s=min(SLOT_WAIT_S, self.request_timeout),
+                                cooldown_s=self.request_timeout)
+
     @abstractmethod
     def upsert(self, row: dict) -> int:
         """Insert the row, or update the one with the same (request_id, image_index); returns its id."""
 
     @abstractmethod
-    def cursor(self):
-        """A cursor on a live connection, schema ensured; raises StoreUnavailable when none can be had."""
+    def cursor(self, request: bool = False):
+        """A cursor on a live connection, schema ensured; raises StoreUnavailable when none can be had.
+
+        `request=True`: for a request thread, every wait (connection, lock, query) bounded by
+        `request_timeout`."""
 
     def close(self) -> None:
         pass
 
-    # Reads, shared by both backends.
-    def _fetch(self, sql: str, params: tuple = ()) -> list[dict]:
-        with self.cursor() as cur:
-            cur.execute(sql, params)
-            names = [d[0] for d in cur.description]
-            return [self._row(dict(zip(names, r))) if not isinstance(r, dict) else self._row(r)
-                    for r in cur.fetchall()]
+    def request_cursor(self):
+        """A cursor for code answering an HTTP request: through the gate, every wait bounded by
+        request_timeout; raises StoreUnavailable (with `retry_after`) instead of holding the thread."""
+        return self._reading(True)
+
+    @contextmanager
+    def _reading(self, request: bool):
+        if not request:
+            with self.cursor() as cur:
+                yield cur
+            return
+        with self.gate.enter(), self.cursor(request=True) as cur:
+            yield cur
+
+    # Reads, shared by both backends. `request=True` for reads that answer an HTTP request.
+    def _rows(self, cur, sql: str, params: tuple = ()) -> list[dict]:
+        cur.execute(sql, params)
+        names = [d[0] for d in cur.description]
+        return [self._row(dict(zip(names, r))) if not isinstance(r, dict) else self._row(r)
+                for r in cur.fetchall()]
+
+    def _fetch(self, sql: str, params: tuple = (), request: bool = False) -> list[dict]:
+        with self._reading(request) as cur:
+            return self._rows(cur, sql, params)
 
     def _row(self, row: dict) -> dict:
         return row
 
-    def get(self, record_id: int, with_image: bool = False) -> dict | None:
+    def get(self, record_id: int, with_image: bool = False, request: bool = False) -> dict | None:
+        record_id = int(record_id)
+        if not 1 <= record_id <= MAX_RECORD_ID:
+            return None  # no such row can exist (ids start at 1), and SQLite cannot bind beyond 2^63
         columns = LIST_COLUMNS + (("image_base64",) if with_image else ())
         rows = self._fetch(f"SELECT {', '.join(f'`{c}`' for c in columns)} FROM `{TABLE}` WHERE `id` = "
-                           f"{self.placeholder}", (int(record_id),))
+                           f"{self.placeholder}", (record_id,), request=request)
         return rows[0] if rows else None
 
     def find(self, request_id: str, image_index: int) -> dict | None:
@@ -91,19 +181,21 @@ class RecordStore(ABC):
     def _time_param(self, when: datetime):
         return when
 
-    def query(self, q: GalleryQuery) -> tuple[list[dict], int]:
+    def query(self, q: GalleryQuery, request: bool = False) -> tuple[list[dict], int]:
         """One page, newest first (by generation time, then insertion), and the total matching."""
         where, params = self._where(q)
-        total = self._fetch(f"SELECT COUNT(*) AS n FROM `{TABLE}`{where}", tuple(params))[0]["n"]
         p = self.placeholder
-        rows = self._fetch(
-            f"SELECT {', '.join(f'`{c}`' for c in LIST_COLUMNS)} FROM `{TABLE}`{where} "
-            f"ORDER BY `created_at` DESC, `id` DESC LIMIT {p} OFFSET {p}",
-            tuple(params) + (q.page_size, (q.page - 1) * q.page_size))
+        with self._reading(request) as cur:  # one connection (and one gate slot) for both statements
+            total = self._rows(cur, f"SELECT COUNT(*) AS n FROM `{TABLE}`{where}", tuple(params))[0]["n"]
+            rows = self._rows(
+                cur, f"SELECT {', '.join(f'`{c}`' for c in LIST_COLUMNS)} FROM `{TABLE}`{where} "
+                     f"ORDER BY `created_at` DESC, `id` DESC LIMIT {p} OFFSET {p}",
+                tuple(params) + (q.page_size, (q.page - 1) * q.page_size))
         return rows, int(total)
 
-    def models(self) -> list[str]:
-        rows = self._fetch(f"SELECT DISTINCT `model` FROM `{TABLE}` WHERE `model` IS NOT NULL ORDER BY `model`")
+    def models(self, request: bool = False) -> list[str]:
+        rows = self._fetch(f"SELECT DISTINCT `model` FROM `{TABLE}` WHERE `model` IS NOT NULL ORDER BY `model`",
+                           request=request)
         return [r["model"] for r in rows]
 
     def count(self) -> int:
@@ -111,7 +203,11 @@ class RecordStore(ABC):
 
 
 def open_store(url: str) -> RecordStore:
-    """`sqlite:///relative.db`, `sqlite:////absolute.db`, or `mysql://user:pass@host:3306/db?connect_timeout=5`."""
+    """`sqlite:///relative.db`, `sqlite:////absolute.db`, or `mysql://user:pass@host:3306/db?connect_timeout=5`.
+
+    MySQL options in the query: connect_timeout, read_timeout, write_timeout (the writer's, seconds),
+    pool_size, request_timeout (every wait of a request-path read, seconds) and request_slots (request
+    threads that may wait on the database at once)."""
     scheme = url.split(":", 1)[0].lower()
     if scheme == "sqlite":
         from .sqlite_store import SqliteStore
