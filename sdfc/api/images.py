@@ -15,6 +15,7 @@ import binascii
 import io
 import re
 import struct
+import zlib
 from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -116,8 +117,35 @@ def _b64decode(text: str) -> bytes:
     return data
 
 
+def open_image_header(value: Any, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A request image opened from its header only: size and format known, no pixel decoded.
+
+    Lets a caller check sizes and counts of every image before it decodes any (then load_image).
+    """
+    return _open_lazily(decode_base64_payload(value), max_pixels)
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Decode the pixels of an image from open_image_header (ImageDecodeError when they are broken)."""
+    try:
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError(f"image is too large: {error}", "too_large") from None
+    except MemoryError:
+        raise ImageDecodeError("image is too large to decode in the memory left", "too_large") from None
+    except Exception as error:
+        # OSError "image file is truncated" (Pillow's default LOAD_TRUNCATED_IMAGES=False), ValueError
+        # for Pillow's text-chunk size limits, and whatever else a plugin raises on hostile data.
+        raise ImageDecodeError(f"image data is truncated or corrupt: {error}", "corrupt") from None
+    return image
+
+
 def open_image_bytes(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open and fully decode image bytes, refusing oversized images before decoding pixels."""
+    return load_image(_open_lazily(data, max_pixels))
+
+
+def _open_lazily(data: bytes, max_pixels: int | None) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=_allowed_formats())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -130,14 +158,6 @@ def open_image_bytes(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> 
         raise ImageDecodeError(f"image header is corrupt: {error}", "corrupt") from None
 
     _check_pixel_budget(image, max_pixels)
-    try:
-        image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError(f"image is too large: {error}", "too_large") from None
-    except Exception as error:
-        # OSError "image file is truncated" (Pillow's default LOAD_TRUNCATED_IMAGES=False), ValueError
-        # for Pillow's text-chunk size limits, and whatever else a plugin raises on hostile data.
-        raise ImageDecodeError(f"image data is truncated or corrupt: {error}", "corrupt") from None
     return image
 
 
@@ -240,7 +260,44 @@ def _one_entry_ifd(tag: int, field_type: int, count: int, value_or_offset: int) 
 # ---------------------------------------------------------------------------------------------
 
 
-def read_infotext(image: Image.Image) -> tuple[str | None, dict[str, Any]]:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_PIXEL_CHUNKS = (b"IDAT", b"fdAT")
+
+
+def read_image_metadata(value: Any, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[str | None, dict[str, Any]]:
+    """read_infotext of a request image without decoding its pixels (png-info needs metadata only).
+
+    A PNG's text chunks may follow its pixel data, which Pillow reads only by decoding it: the pixel
+    chunks are dropped first, so that every chunk is read at open. Other formats keep their metadata
+    ahead of the pixels (JPEG/WebP EXIF, GIF comments) and are read from the header. The pixel budget
+    holds as for every request image, checked from the header.
+    """
+    data = decode_base64_payload(value)
+    image = _open_lazily(data, max_pixels)
+    if data.startswith(PNG_SIGNATURE):
+        image = _open_lazily(_png_without_pixels(data), None)
+    return read_infotext(image, decode=False)
+
+
+def _png_without_pixels(data: bytes) -> bytes:
+    kept, pos = [PNG_SIGNATURE], len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = struct.unpack(">I", data[pos:pos + 4])[0]
+        end = pos + 12 + length  # length, type, data, CRC
+        if end > len(data):
+            break  # a truncated chunk: keep what was whole, as a lenient reader would
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IHDR" and length >= 8:
+            # No pixel will be read: claim 1x1, so that no size (nor Pillow's bomb check) matters.
+            body = struct.pack(">II", 1, 1) + data[pos + 16:pos + 8 + length]
+            kept.append(data[pos:pos + 8] + body + struct.pack(">I", zlib.crc32(kind + body)))
+        elif kind not in _PNG_PIXEL_CHUNKS:
+            kept.append(data[pos:end])
+        pos = end
+    return b"".join(kept)
+
+
+def read_infotext(image: Image.Image, decode: bool = True) -> tuple[str | None, dict[str, Any]]:
     """(generation text or None, other metadata `items`) for png-info (§2.1).
 
     Text sources: the PNG `parameters` chunk (tEXt/iTXt/zTXt); an EXIF UserComment wins over it
@@ -248,7 +305,8 @@ def read_infotext(image: Image.Image) -> tuple[str | None, dict[str, Any]]:
     `items` is image.info minus IGNORED_INFO_KEYS / `jfif*`, made JSON-safe (bytes decoded as
     UTF-8 with replacement, tuples as lists, other objects as str). NovelAI conversion is not done.
     """
-    _load_quietly(image)
+    if decode:
+        _load_quietly(image)
     info = dict(image.info or {})
     text = _as_text(info.get(INFOTEXT_KEY))
     exif_comment = exif_user_comment(image)

@@ -17,6 +17,10 @@ class ModelLoadError(EngineError):
     """A model file exists but cannot be loaded (corrupt ONNX, bad manifest)."""
 
 
+class OutOfMemoryError(EngineError, MemoryError):
+    """An allocation failed while running a job; the process stays usable (nothing is kept from the job)."""
+
+
 class NaNError(EngineError):
     """A stage produced NaNs (fp16 overflow, broken weights)."""
 

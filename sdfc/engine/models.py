@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from .errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, OutOfMemoryError
+from .memory import MemoryProfile, memory_profile
 from .schedules import ModelSigmas, alphas_cumprod_from_config
 
 log = logging.getLogger("sdfc.engine")
@@ -24,6 +25,14 @@ PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+
+
+# How onnxruntime words a failed allocation (CPU arena, CUDA allocator, a C++ bad_alloc).
+_ALLOCATION_FAILURE_WORDS = ("allocat", "bad_alloc", "out of memory")
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or any(w in str(exc).lower() for w in _ALLOCATION_FAILURE_WORDS)
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,11 @@ class ModelInfo:
     architecture: str
     prediction_type: str
     clip_skip_outputs: tuple[tuple[int, str], ...] = ((1, "last_hidden_state"),)
+
+    @property
+    def memory(self) -> MemoryProfile:
+        """What a generation with this model costs in memory (read from its config files)."""
+        return memory_profile(self.path, self.precision)
 
     @property
     def title(self) -> str:
@@ -147,10 +161,15 @@ class OnnxModel:
             raise ModelLoadError(f"cannot load {str(path)!r}: {exc}") from None
 
     def _run(self, component: str, feeds: dict, output: str | None = None) -> np.ndarray:
-        out = self.sessions[component].run([output] if output else None,
-                                           {k: v.astype(self.dtype) if v.dtype.kind == "f" else v
-                                            for k, v in feeds.items()})[0]
-        return out.astype(np.float32)
+        try:
+            out = self.sessions[component].run([output] if output else None,
+                                               {k: v.astype(self.dtype) if v.dtype.kind == "f" else v
+                                                for k, v in feeds.items()})[0]
+            return out.astype(np.float32)
+        except Exception as exc:  # onnxruntime's RuntimeException/Fail carry no type for "no memory"
+            if is_allocation_failure(exc):
+                raise OutOfMemoryError(f"not enough memory to run the {component} of {self.info.name!r}") from exc
+            raise
 
     def encode_tokens(self, input_ids: np.ndarray, clip_skip: int = 1) -> np.ndarray:
         """Hidden states; with CLIP skip N > 1, layer −N's output through the final layer norm (A1111)."""

@@ -21,7 +21,8 @@ from . import samplers as samplers_mod
 from . import schedules
 from .brownian import BrownianNoise
 from .conditioning import BatchConditioning, PromptEncoder
-from .errors import Interrupted, InvalidRequestError, ModelNotFoundError, NaNError
+from . import memory
+from .errors import Interrupted, InvalidRequestError, ModelNotFoundError, NaNError, OutOfMemoryError
 from .models import ModelInfo, OnnxModel, scan_models
 from .rng import ImageRNG
 
@@ -240,6 +241,10 @@ class Engine:
         self.available = scan_models(self.models_dir)
         self._loaded: dict[str, OnnxModel] = {}
         self._lock = threading.Lock()
+        # Memory headroom, measured once after the first model load (then runtime and weights are counted).
+        self._headroom: int | None = None
+        self._measured_with: frozenset[str] = frozenset()
+        self._headroom_measured = False
         self.current = self.find_model(default_model) if default_model else self.available[0]
 
     def refresh(self) -> None:
@@ -259,12 +264,37 @@ class Engine:
                 self._loaded[info.name] = OnnxModel(info, self.device, self.threads)
             return self._loaded[info.name]
 
+    def memory_budget(self, info: ModelInfo) -> int | None:
+        """Bytes one job with model `info` may use: a share of what was free once a model was loaded, less
+        the weights of every model loaded (or to be loaded for `info`) since. None: no figure for this device.
+        Measured once, so that the answer does not drift with what the arena keeps between jobs."""
+        if not self._headroom_measured:
+            self.load(info.name)
+            with self._lock:
+                if not self._headroom_measured:
+                    self._headroom = memory.headroom(self.device)
+                    self._measured_with = frozenset(self._loaded)
+                    self._headroom_measured = True
+                    log.info("memory headroom after loading %s: %s bytes", info.name, self._headroom)
+        if self._headroom is None:
+            return None
+        later = (set(self._loaded) | {info.name}) - self._measured_with
+        weights = sum(i.memory.weights_bytes for i in self.available if i.name in later)
+        return max(0, int(memory.BUDGET_FRACTION * (self._headroom - weights)))
+
     def unload(self) -> None:
         with self._lock:
             self._loaded.clear()
 
     def generate(self, req: GenerationRequest, control: JobControl | None = None) -> GenerationResult:
-        control = control or JobControl()
+        try:
+            return self._generate(req, control or JobControl())
+        except OutOfMemoryError:
+            raise
+        except MemoryError as exc:  # numpy or Pillow: the job's arrays are dropped with this frame
+            raise OutOfMemoryError(f"not enough memory for this job: {exc}") from None
+
+    def _generate(self, req: GenerationRequest, control: JobControl) -> GenerationResult:
         sampler, schedule = validate(req)
         model = self.load(req.model)
         seed, subseed = resolve_seed(req.seed), resolve_seed(req.subseed)
