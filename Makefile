@@ -10,7 +10,7 @@ PORT ?= 7860
 
 S_CLI := deploy/node_modules/.bin/s
 
-.PHONY: serve test install tiny-model bench clean
+.PHONY: serve test install tiny-model bench load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ tiny-model: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/sdfc bench
+
+# Loopback load test of `sdfc serve` on the tiny model (8 clients x 60 s; see bench/load.py).
+load: $(STAMP)
+	$(BIN)/sdfc bench load
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -171,7 +171,11 @@ def _choices(parser, option: str, value: str, valid) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["load"]:  # `sdfc bench load`: the loopback load test, see bench/load.py
+        from .load import main as load_main
+        return load_main(argv[1:])
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started, t0 = datetime.now(timezone.utc), time.monotonic()
     for sub in ("logs", "images"):
