@@ -7,9 +7,11 @@ from flask import Response, json
 class ApiError(Exception):
     """An error answered in A1111's shape; `error` is the class name A1111 would report."""
 
-    def __init__(self, status: int, detail: str, error: str = "HTTPException", errors: str = ""):
+    def __init__(self, status: int, detail: str, error: str = "HTTPException", errors: str = "",
+                 headers: dict | None = None):
         super().__init__(detail)
         self.status, self.detail, self.error, self.errors = status, detail, error, errors
+        self.headers = headers  # e.g. Retry-After on a 503
 
 
 class ValidationFailed(Exception):
@@ -21,8 +23,22 @@ class ValidationFailed(Exception):
 
 
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
-    body = json.dumps(payload, ensure_ascii=False)
+    try:  # strict JSON: never NaN/Infinity, never a lone surrogate (inputs are validated; this is the net)
+        body = json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        body = json.dumps(json_safe(payload), ensure_ascii=True, allow_nan=False)
     return Response(body, status=status, mimetype="application/json", headers=headers)
+
+
+def json_safe(value):
+    """`value` with non-finite floats as null (what JavaScript's JSON.stringify writes)."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def a1111_error(status: int, error: str, detail: str = "", errors: str = "",

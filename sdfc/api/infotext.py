@@ -18,6 +18,7 @@ from importlib import metadata
 from typing import Any, Mapping, Sequence
 
 from ..engine.prompt_parser import parse_prompt_attention
+from .errors import json_safe
 
 # ---------------------------------------------------------------------------------------------
 # Version string
@@ -384,4 +385,7 @@ def info_json(*, prompt: str, negative_prompt: str, seed: int, subseed: int, sub
         "is_using_inpainting_conditioning": is_using_inpainting_conditioning,
         "version": version,
     }
-    return json.dumps(info, default=lambda _unserializable: None)
+    try:  # strict JSON: clients json.loads this string (requests are validated finite; this is the net)
+        return json.dumps(info, default=lambda _unserializable: None, allow_nan=False)
+    except ValueError:
+        return json.dumps(json_safe(info), default=lambda _unserializable: None, allow_nan=False)

@@ -9,9 +9,12 @@ Pure Python; the three stages do not share a grammar and are parsed independentl
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
+
+from .errors import InvalidRequestError
 
 # ---------------------------------------------------------------------------------------------
 # §1.3 attention / emphasis parser
@@ -32,7 +35,8 @@ _ATTENTION_TOKEN_RE = re.compile(r"""
   | [^\\()\[\]:]+                        # plain text
   | :                                    # a lone colon
 """, re.VERBOSE)
-_BREAK_SPLIT_RE = re.compile(r"\s*\bBREAK\b\s*")
+_BREAK_WORD_RE = re.compile(r"\bBREAK\b")
+
 
 
 def parse_prompt_attention(text: str) -> list[list]:
@@ -85,10 +89,32 @@ def _multiply_from(res: list[list], start: int, multiplier: float) -> None:
 
 
 def _append_text_with_breaks(res: list[list], text: str) -> None:
-    for i, part in enumerate(_BREAK_SPLIT_RE.split(text)):
+    for i, part in enumerate(split_on_break(text)):
         if i > 0:
             res.append([BREAK_TEXT, BREAK_WEIGHT])
         res.append([part, 1.0])
+
+
+def split_on_break(text: str) -> list[str]:
+    """``re.split(r"\s*\bBREAK\b\s*", text)`` (A1111's), in linear time.
+
+    The regex rescans each whitespace run from every position in it: a prompt of 20 000 spaces took
+    seconds. Here each ``BREAK`` word takes the whitespace run just before it (back to the previous
+    match) and the one after it, exactly the leftmost-longest matches re.split makes.
+    """
+    parts, done = [], 0
+    for word in _BREAK_WORD_RE.finditer(text):
+        start, end = word.start(), word.end()
+        if start < done:
+            continue
+        while start > done and text[start - 1].isspace():
+            start -= 1
+        while end < len(text) and text[end].isspace():
+            end += 1
+        parts.append(text[done:start])
+        done = end
+    parts.append(text[done:])
+    return parts
 
 
 def _merge_equal_neighbours(res: list[list]) -> list[list]:
@@ -106,7 +132,7 @@ def _merge_equal_neighbours(res: list[list]) -> list[list]:
 # ---------------------------------------------------------------------------------------------
 
 _AND_RE = re.compile(r"\bAND\b")
-_SUBPROMPT_WEIGHT_RE = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+_SUBPROMPT_NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
 
 
 def split_and_subprompts(prompt: str) -> list[tuple[str, float]]:
@@ -116,9 +142,23 @@ def split_and_subprompts(prompt: str) -> list[tuple[str, float]]:
     """
     parts = []
     for part in _AND_RE.split(prompt):
-        text, weight = _SUBPROMPT_WEIGHT_RE.search(part).groups()
+        text, weight = _split_subprompt_weight(part)
         parts.append((text, float(weight) if weight is not None else 1.0))
     return parts
+
+
+def _split_subprompt_weight(part: str) -> tuple[str, str | None]:
+    """A1111's ``^((?:\s|.)*?)(?:\s*:\s*(NUMBER))?\s*$`` on one AND part, in linear time.
+
+    The lazy regex retried the trailing ``\s*$`` from every position (quadratic in a run of spaces).
+    Its match is the shortest prefix whose rest is ``\s*:\s*NUMBER\s*`` (the colon is then the last
+    one) or else only whitespace.
+    """
+    stripped = part.rstrip()
+    colon = stripped.rfind(":")
+    if colon >= 0 and _SUBPROMPT_NUMBER_RE.fullmatch(stripped[colon + 1:].lstrip()):
+        return stripped[:colon].rstrip(), stripped[colon + 1:].lstrip()
+    return stripped, None
 
 
 def get_multicond_prompt_list(prompts: Iterable[str]):
@@ -327,7 +367,9 @@ class _StepRule:
             value = (value - self.fraction_offset) * self.steps
         else:
             value = value - self.int_offset
-        return min(self.steps, int(value))
+        # Clamped before int(): `[a:b:1e999]` means "never switches" (A1111 fails on int(inf)), and any
+        # number below 1 means "from the start".
+        return int(min(self.steps, max(value, -1.0)))
 
 
 def _step_rule(base_steps: int, hires_steps: int | None, use_old_scheduling: bool) -> _StepRule:
@@ -402,3 +444,58 @@ def schedule_index_at_call(schedule: Sequence[Sequence], call_index: int) -> int
 
 def scheduled_text_at_call(schedule: Sequence[Sequence], call_index: int) -> str:
     return schedule[schedule_index_at_call(schedule, call_index)][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation before a job runs
+# ---------------------------------------------------------------------------------------------
+
+# Attention and AND weights beyond this overflow float32 conditioning to inf/NaN in the UNet (A1111
+# then fails with NansException); 1000 is ~72 nested "(" or an explicit (word:1000).
+MAX_ATTENTION_WEIGHT = 1000.0
+# Brackets open at once: parse_prompt_attention (as A1111's) re-multiplies every fragment after an opener
+# when it closes, so thousands of openers cost millions of steps (1.1**73 is past MAX_ATTENTION_WEIGHT).
+MAX_BRACKET_DEPTH = 100
+
+
+def bracket_depth(text: str) -> int:
+    """The most emphasis brackets open at once, as parse_prompt_attention pairs them (linear time)."""
+    round_open = square_open = deepest = 0
+    for match in _ATTENTION_TOKEN_RE.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token == "(":
+            round_open += 1
+        elif token == "[":
+            square_open += 1
+        elif (weight is not None or token == ")") and round_open:
+            round_open -= 1
+        elif token == "]" and square_open:
+            square_open -= 1
+        deepest = max(deepest, round_open + square_open)
+    return deepest
+
+
+def check_prompt(prompt: str, steps: int) -> None:
+    """Raise InvalidRequestError for a prompt the engine could not turn into finite conditioning.
+
+    Runs the three stages as the engine does: malformed weights (``(a:1.2.3)``), weights that are
+    not finite or beyond ±MAX_ATTENTION_WEIGHT, and brackets nested past MAX_BRACKET_DEPTH.
+    """
+    for text, weight in split_and_subprompts(prompt):
+        if not math.isfinite(weight) or abs(weight) > MAX_ATTENTION_WEIGHT:
+            raise InvalidRequestError(f"AND weight {weight:g} is outside ±{MAX_ATTENTION_WEIGHT:g}")
+        schedule = get_learned_conditioning_prompt_schedules([text], max(1, steps))[0]
+        for scheduled_text in dict.fromkeys(t for _, t in schedule):
+            depth = bracket_depth(scheduled_text)
+            if depth > MAX_BRACKET_DEPTH:
+                raise InvalidRequestError(f"{depth} brackets are open at once, more than {MAX_BRACKET_DEPTH}")
+            try:
+                fragments = parse_prompt_attention(scheduled_text)
+            except ValueError as exc:  # float() of a weight such as "1.2.3"
+                raise InvalidRequestError(f"invalid attention weight: {exc}") from None
+            for fragment in fragments:
+                w = fragment[1]
+                if not is_break_marker(fragment) and (not math.isfinite(w) or abs(w) > MAX_ATTENTION_WEIGHT):
+                    raise InvalidRequestError(f"attention weight {w:g} of {fragment[0][:40]!r} is outside "
+                                              f"±{MAX_ATTENTION_WEIGHT:g} (too many nested brackets or a "
+                                              "huge (text:weight))")
