@@ -22,6 +22,10 @@ from .api.state import ApiState
 from .config import Settings
 from .dispatch import RecordPipeline, build_pipeline
 from .engine import Engine, EngineError, InvalidRequestError
+from .fc import gateway
+from .jobs import build_jobs
+from .jobs.api import EXTENSION as JOBS_EXTENSION
+from .jobs.api import bp as tasks_bp
 from .records import OutputsStore, RecordWriter, open_store
 from .records.gallery import make_gallery_blueprint
 
@@ -36,11 +40,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     pipeline = None
+    app.extensions["sdfc.background"] = []  # started by the server once it listens (sdfc/server.py)
     if on_images is None and settings.dispatch != "off":
         pipeline, on_images = _records(app, settings)
-    app.extensions["sdfc"] = ApiState(settings, engine=engine, on_images=on_images)
+        app.extensions["sdfc.background"].append(pipeline.start)
+    state = ApiState(settings, engine=engine, on_images=on_images)
+    app.extensions["sdfc"] = state
     app.register_blueprint(sdapi_bp)
     app.register_blueprint(docs_bp)
+    if "sdfc.records_store" in app.extensions:
+        _jobs(app, settings, state)
     _install_request_hooks(app, settings, pipeline)
     _install_error_handlers(app)
     return app
@@ -49,8 +58,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
 def _records(app: Flask, settings: Settings) -> tuple[RecordPipeline, Callable[[list[dict]], None]]:
     """The records room: store + outputs + writer, the dispatcher that feeds it, and the gallery API.
 
-    Nothing connects here (the app may be built in gunicorn's master and forked): the store connects on
-    first use and the dispatcher's worker starts in the process that serves requests.
+    Nothing connects here (the app may be built before the serving process starts its threads): the store
+    connects on first use and the dispatcher's worker starts in the process that serves requests.
     """
     store = open_store(settings.database_url)
     outputs = OutputsStore(settings.outputs_dir)
@@ -62,22 +71,48 @@ def _records(app: Flask, settings: Settings) -> tuple[RecordPipeline, Callable[[
     return pipeline, pipeline.sink
 
 
+def _jobs(app: Flask, settings: Settings, state: ApiState) -> None:
+    """The jobs room: tasks in the records database (generation_tasks), the task API, the local worker."""
+    pipeline = app.extensions.get("sdfc.records")
+    room = build_jobs(settings, app.extensions["sdfc.records_store"], OutputsStore(settings.outputs_dir), state,
+                      credentials=pipeline.credentials if pipeline is not None else None)
+    app.extensions[JOBS_EXTENSION] = room
+    app.register_blueprint(tasks_bp)
+    app.extensions["sdfc.background"].append(room.start)
+
+
 def _is_open(path: str, settings: Settings) -> bool:
     return settings.docs_open and any(path == p or path.startswith(p) for p in OPEN_PATHS)
 
 
 def _install_request_hooks(app: Flask, settings: Settings, pipeline: RecordPipeline | None = None) -> None:
     @app.before_request
+    def _refuse_while_draining():
+        # Shutting down (SIGTERM, FC's pre-stop): new work gets 503 + Retry-After at once, before any auth or I/O.
+        return app.extensions["sdfc"].refusal()
+
+    @app.before_request
     def _begin():
         g.started = time.perf_counter()
-        g.request_id = request.headers.get("x-fc-request-id") or uuid.uuid4().hex
+        # A correlation id for logs only (records get their own key per generation): FC's request id where
+        # FC's gateway set it, the caller's for an event replayed by /invoke, else a fresh one.
+        g.request_id = (request.environ.get(gateway.PARENT_REQUEST_ID)
+                        or gateway.request_id(request.headers, settings.in_fc) or uuid.uuid4().hex)
         if pipeline is not None:
-            pipeline.observe_request(request.headers)  # FC's role credentials; flushes leftovers at start
+            pipeline.start()  # flushes what a previous process left in the spool
         if request.method == "OPTIONS" and settings.cors_origins:
             return app.make_default_options_response()  # CORS preflight carries no credentials
-        if _is_open(request.path, settings) or request.url_rule is None or auth.is_public(app, request.endpoint):
+        hook = auth.platform_hook_of(app, request.endpoint)
+        if hook is not None:
+            refused = _platform_hook_refusal(hook, settings)
+        elif _is_open(request.path, settings) or request.url_rule is None or auth.is_public(app, request.endpoint):
             return None  # unknown paths answer 404 without asking for credentials, as A1111
-        return auth.check(settings.auth)
+        else:
+            refused = auth.check(settings.auth)
+        if refused is None and pipeline is not None and settings.in_fc:
+            # FC's role credentials, only from a request that passed and came through FC's gateway.
+            pipeline.remember_credentials(request.headers)
+        return refused
 
     @app.after_request
     def _finish(response):
@@ -95,6 +130,17 @@ def _install_request_hooks(app: Flask, settings: Settings, pipeline: RecordPipel
         return response
 
 
+def _platform_hook_refusal(control_path: str, settings: Settings):
+    """FC's lifecycle and event hooks: in FC only FC's own call of that hook passes (a client's request arrives
+    with x-fc-control-path /http-invoke, and cannot forge it); outside FC, where nobody can tell FC's calls
+    from a client's, only Basic credentials do."""
+    if not settings.in_fc:
+        return auth.check(settings.auth)
+    if gateway.is_platform_call(request.headers, settings.in_fc, control_path):
+        return None
+    return json_response({"detail": "Not Found"}, 404)
+
+
 def _log_request(response) -> None:
     # One JSON line per request: FC ships stdout to its log service, where these are searchable.
     entry = {
@@ -110,7 +156,7 @@ def _log_request(response) -> None:
 def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return a1111_error(exc.status, exc.error, exc.detail, exc.errors)
+        return a1111_error(exc.status, exc.error, exc.detail, exc.errors, headers=exc.headers)
 
     @app.errorhandler(ValidationFailed)
     def _validation(exc: ValidationFailed):
@@ -133,11 +179,17 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(EngineError)
     def _engine(exc: EngineError):
-        log.error("engine error: %s", exc)
-        return a1111_error(500, type(exc).__name__, str(exc), str(exc))
+        return _internal_error(exc, "engine error")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
-        # Log the trace for operators; the client gets A1111's shape without it.
-        log.exception("unhandled error")
-        return a1111_error(500, type(exc).__name__, "", str(exc))
+        return _internal_error(exc, "unhandled error")
+
+
+def _internal_error(exc: Exception, what: str):
+    """A1111's 500 shape, without the exception's text (paths, hosts, library internals): the trace goes to
+    the log under the request id, which the body names so that an operator can find it."""
+    request_id = g.get("request_id") or uuid.uuid4().hex
+    log.error("%s in request %s", what, request_id, exc_info=exc)
+    message = f"internal error, request id {request_id}"
+    return a1111_error(500, "InternalServerError", message, message)

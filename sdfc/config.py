@@ -6,6 +6,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .fc.gateway import running_in_fc
+from .pricing import Pricing
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_MODELS_DIR = REPO_ROOT / "tests" / "fixtures" / "models"
 
@@ -58,6 +61,31 @@ def _float(env: dict, name: str, default: float) -> float:
     return _number(env, name, default, float)
 
 
+def _bytes(env: dict, name: str, default: int | None) -> int | None:
+    """A byte count, plain or with a K/M/G/T suffix (binary: 4G = 4 GiB)."""
+    from .engine.memory import parse_bytes
+
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return parse_bytes(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a byte count such as 4G or 512M, got {raw!r}") from None
+
+
+def _pricing(env: dict) -> Pricing:
+    base = Pricing()
+    rate = env.get("SDFC_PRICE_GPU_CU_PER_GB_S")
+    return Pricing(gpu_type=env.get("SDFC_GPU_TYPE") or base.gpu_type,
+                   gpu_memory_gb=_float(env, "SDFC_GPU_MEMORY_GB", base.gpu_memory_gb),
+                   vcpu=_float(env, "SDFC_VCPU", base.vcpu),
+                   memory_gb=_float(env, "SDFC_MEMORY_GB", base.memory_gb),
+                   cu_price=_float(env, "SDFC_PRICE_PER_CU", base.cu_price),
+                   currency=env.get("SDFC_PRICE_CURRENCY") or base.currency,
+                   gpu_cu_per_gb_s=_float(env, "SDFC_PRICE_GPU_CU_PER_GB_S", None) if rate else None)
+
+
 @dataclass
 class Settings:
     auth: dict[str, str] = field(default_factory=dict)
@@ -73,6 +101,9 @@ class Settings:
     fc_endpoint: str | None = None
     fc_account_id: str | None = None
     fc_region: str | None = None
+    # True in an FC instance (FC_INSTANCE_ID and FC_FUNCTION_NAME set): only there are x-fc-* request headers
+    # FC's own (sdfc/fc/gateway.py); elsewhere they are the client's and never believed.
+    in_fc: bool = False
     fc_async_body_limit: int = 128 * 1024
     dispatch_queue_size: int = 1000
     dispatch_max_backoff_s: float = 30.0
@@ -83,13 +114,28 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     docs_open: bool = True
     # Limits: a request beyond one gets a 4xx naming it. FC caps synchronous bodies at 32 MB.
-    max_pixels: int = 2048 * 2048
+    # None: derived per model from the memory budget (the largest image one job can afford).
+    max_pixels: int | None = None
+    # Bytes one job may use; None: measured (cgroup limit, `ulimit -v`, MemAvailable, or the GPU's free
+    # memory), 0: no memory check. See sdfc/engine/memory.py for the per-model estimate.
+    memory_budget: int | None = None
     max_steps: int = 150
     max_images: int = 16
     max_body_bytes: int = 32 * 1024 * 1024
     # `prompt text` in generated_images holds 65,535 bytes (UTF-8): a longer prompt could not be recorded
     # verbatim, so it is refused up front.
     max_prompt_bytes: int = 65_535
+    # Generation requests running or waiting for the engine at once; one more is a 503 with Retry-After, so
+    # that waiting generations never take every request thread (the server has 16: SDFC_THREADS).
+    max_queued_jobs: int = 12
+    # Jobs (sdfc/jobs): who runs queued tasks here (`local`: this process's worker; `off`: none, as in a
+    # function that only answers), how long a silent instance keeps a task, how often progress is written.
+    task_worker: str = "local"
+    task_function: str = "sdfc-api"    # fc: the function whose async invocations run tasks (sd-api itself)
+    task_lease_s: float = 30.0
+    task_heartbeat_s: float = 0.25
+    admins: tuple[str, ...] = ()       # users who see and cancel everyone's tasks and records
+    pricing: Pricing = field(default_factory=Pricing)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -108,6 +154,7 @@ class Settings:
             fc_endpoint=env.get("SDFC_FC_ENDPOINT") or None,
             fc_account_id=env.get("FC_ACCOUNT_ID") or None,
             fc_region=env.get("FC_REGION") or None,
+            in_fc=running_in_fc(env),
             fc_async_body_limit=_int(env, "SDFC_FC_ASYNC_BODY_LIMIT", cls.fc_async_body_limit),
             dispatch_queue_size=_int(env, "SDFC_DISPATCH_QUEUE", cls.dispatch_queue_size),
             dispatch_max_backoff_s=_float(env, "SDFC_DISPATCH_MAX_BACKOFF_S", cls.dispatch_max_backoff_s),
@@ -119,10 +166,18 @@ class Settings:
                                if o.strip()),
             docs_open=env.get("SDFC_DOCS_AUTH", "0") not in ("1", "true", "yes"),
             max_pixels=_int(env, "SDFC_MAX_PIXELS", cls.max_pixels),
+            memory_budget=_bytes(env, "SDFC_MEMORY_BUDGET", cls.memory_budget),
             max_steps=_int(env, "SDFC_MAX_STEPS", cls.max_steps),
             max_images=_int(env, "SDFC_MAX_IMAGES", cls.max_images),
             max_body_bytes=_int(env, "SDFC_MAX_BODY_BYTES", cls.max_body_bytes),
             max_prompt_bytes=_int(env, "SDFC_MAX_PROMPT_BYTES", cls.max_prompt_bytes),
+            max_queued_jobs=_int(env, "SDFC_MAX_QUEUED_JOBS", cls.max_queued_jobs),
+            task_worker=(env.get("SDFC_TASK_WORKER") or "local").strip().lower(),
+            task_function=env.get("SDFC_TASK_FUNCTION") or env.get("FC_FUNCTION_NAME") or cls.task_function,
+            task_lease_s=_float(env, "SDFC_TASK_LEASE_S", cls.task_lease_s),
+            task_heartbeat_s=_float(env, "SDFC_TASK_HEARTBEAT_S", cls.task_heartbeat_s),
+            admins=tuple(u.strip() for u in env.get("SDFC_ADMINS", "").split(",") if u.strip()),
+            pricing=_pricing(env),
         )
 
     def check_listen(self, host: str) -> None:

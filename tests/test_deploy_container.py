@@ -115,10 +115,13 @@ def stub():
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory, stub):
-    # The only departures from the deployed environment: a free port, the stub's address for FC's API, and no
-    # CUDA requirement (this machine has no GPU; onnxruntime falls back to the CPU and says so).
-    box = Container(tmp_path_factory.mktemp("container"),
-                    {"SDFC_FC_ENDPOINT": stub.url, "SDFC_REQUIRE_CUDA": "0"})
+    # The only departures from the deployed environment: a free port, the stub's address for FC's API, no
+    # CUDA requirement (this machine has no GPU; onnxruntime falls back to the CPU and says so), and the
+    # database.
+    # RDS is SQLite here (the tasks' table; records go through the stub), so nothing leaves the machine.
+    tmp = tmp_path_factory.mktemp("container")
+    box = Container(tmp, {"SDFC_FC_ENDPOINT": stub.url, "SDFC_REQUIRE_CUDA": "0",
+                          "SDFC_DATABASE_URL": f"sqlite:///{tmp / 'rds.db'}"})
     box.answered_after = box.first_answer(limit=10)
     yield box
     assert box.stop() == 0, box.log()

@@ -5,14 +5,21 @@ Routes stay thin: they parse and call `run_generation`; this module owns the tra
 from __future__ import annotations
 
 import base64
+import functools
+import json
 import logging
 import uuid
+from pathlib import Path
 
 from ..engine import GenerationRequest, GenerationResult, InvalidRequestError, JobControl, ModelNotFoundError
+from ..engine import OutOfMemoryError
 from ..engine import samplers as engine_samplers
+from ..engine.pipeline import validate as validate_engine_request
 from ..engine import schedules as engine_schedules
-from .errors import ApiError
-from .images import ImageDecodeError, decode_image, encode_image_bytes
+from ..engine.prompt_parser import check_prompt
+from .errors import ApiError, ValidationFailed
+from .images import encode_image_bytes
+from .limits import check_limits, load_images, open_init_images
 from .infotext import SDFC_VERSION, create_infotext, info_json, parse_generation_parameters
 from .state import ApiState
 from .styles import apply_styles
@@ -45,25 +52,6 @@ def _check_unsupported(values: dict, mode: str) -> None:
         raise ApiError(400, "inpainting (mask) is not supported by sdfc yet", error="NotImplementedError")
 
 
-def _check_limits(state: ApiState, req: GenerationRequest) -> None:
-    s = state.settings
-    if req.width * req.height > s.max_pixels:
-        raise ApiError(400, f"image size {req.width}x{req.height} exceeds the limit of {s.max_pixels} pixels "
-                            "(SDFC_MAX_PIXELS)", error="LimitExceeded")
-    if req.steps > s.max_steps:
-        raise ApiError(400, f"steps {req.steps} exceeds the limit of {s.max_steps} (SDFC_MAX_STEPS)",
-                       error="LimitExceeded")
-    if req.batch_size * req.n_iter > s.max_images:
-        raise ApiError(400, f"batch_size × n_iter = {req.batch_size * req.n_iter} exceeds the limit of "
-                            f"{s.max_images} images per request (SDFC_MAX_IMAGES)", error="LimitExceeded")
-    for name in ("prompt", "negative_prompt"):
-        size = len(getattr(req, name).encode("utf-8", "surrogatepass"))
-        if size > s.max_prompt_bytes:
-            raise ApiError(400, f"{name} is {size} bytes in UTF-8, over the limit of {s.max_prompt_bytes} "
-                                "(SDFC_MAX_PROMPT_BYTES; the records table's text column holds 65535)",
-                           error="LimitExceeded")
-
-
 def _model_override(state: ApiState, options: dict, overrides: dict | None) -> str | None:
     wanted = (overrides or {}).get("sd_model_checkpoint")
     name = wanted or options.get("sd_model_checkpoint")
@@ -75,16 +63,89 @@ def _model_override(state: ApiState, options: dict, overrides: dict | None) -> s
         raise ApiError(400, str(exc), error="RuntimeError") from None
 
 
+# EXIF lives in one JPEG APP1 segment: at most 65533 bytes, of which the UserComment header, its two
+# IFDs and the b"UNICODE\0" prefix take 58; the text is UTF-16. The parameter line after the prompts
+# is a few hundred characters; PARAMS_ROOM leaves ample margin for it.
+JPEG_EXIF_TEXT_BYTES = 65533 - 58
+PARAMS_ROOM = 4096
+
+
+def _model_info(state: ApiState, req: GenerationRequest):
+    return state.engine.find_model(req.model) if req.model else state.engine.current
+
+
+@functools.lru_cache(maxsize=64)
+def size_step(model_dir: str) -> int:
+    """Pixels that width and height must be a multiple of for this model.
+
+    The VAE scales by 2 per block after the first; the exported UNet halves its latent once per down
+    block after the first and doubles it back with fixed factors, so a latent that does not divide
+    evenly fails in its skip connections (A1111's torch UNet interpolates instead; ONNX graphs cannot).
+    """
+    def blocks(component: str, key: str, default: int) -> int:
+        try:
+            config = json.loads((Path(model_dir) / component / "config.json").read_text())
+            return max(1, len(config.get(key) or ()) or default)
+        except (OSError, ValueError):
+            return default
+    vae = 2 ** (blocks("vae_decoder", "block_out_channels", 4) - 1)
+    unet = 2 ** (blocks("unet", "down_block_types", 1) - 1)
+    return max(8, vae * unet)
+
+
+def _sampler_kind(name: str | None) -> str | None:
+    labels = [s.label for s in engine_schedules.SCHEDULES]
+    try:
+        return engine_samplers.find_sampler(engine_samplers.split_combined_name(name or "", labels)[0]).kind
+    except ValueError:
+        return None  # an unknown sampler: the engine names the valid ones
+
+
+def _check_request(state: ApiState, req: GenerationRequest, options: dict) -> None:
+    """What the engine would fail on, refused before the job takes the queue (400, A1111's shape)."""
+    info = _model_info(state, req)
+    step = size_step(str(info.path))
+    for name in ("width", "height"):
+        value = getattr(req, name)
+        if value % 8:
+            # A1111 floors the size to a multiple of 8 silently (its latent is size // 8); sdfc says so.
+            raise ApiError(400, f"{name} must be a multiple of 8, got {value}", error="ValueError")
+        if value % step:
+            raise ApiError(400, f"{name} must be a multiple of {step} for model {info.name!r}, got {value} "
+                                f"(try {max(step, value // step * step)})", error="ValueError")
+    if req.init_images is not None and req.resize_mode != 0:
+        raise ApiError(400, f"resize_mode {req.resize_mode} is not supported yet; use 0 (Just resize)",
+                       error="NotImplementedError")
+    if req.init_images is not None and _sampler_kind(req.sampler_name) == "timesteps" \
+            and engine_samplers.img2img_steps(req.steps, req.denoising_strength) < 1:
+        # k-diffusion samplers still run one step here (as A1111); DDIM/PLMS/UniPC would run none.
+        raise ApiError(400, f"img2img with {req.sampler_name} runs int(min(denoising_strength, 0.999) × steps) = 0 "
+                            f"steps (denoising_strength {req.denoising_strength}, steps {req.steps}): raise either",
+                       error="ValueError")
+    skips = dict(info.clip_skip_outputs)
+    if req.clip_skip not in skips:
+        raise ApiError(400, f"CLIP skip {req.clip_skip} is not available for model {info.name!r} "
+                            f"(available: {', '.join(map(str, sorted(skips)))})", error="ValueError")
+    for name in ("prompt", "negative_prompt"):
+        try:
+            check_prompt(getattr(req, name), req.steps)
+        except InvalidRequestError as exc:
+            raise ApiError(400, f"{name}: {exc}", error="ValueError") from None
+    if options["samples_format"].lower() in ("jpg", "jpeg") and options["enable_pnginfo"]:
+        size = sum(len(getattr(req, n).encode("utf-16-be", "surrogatepass")) for n in ("prompt", "negative_prompt"))
+        if size + PARAMS_ROOM > JPEG_EXIF_TEXT_BYTES:
+            raise ApiError(400, f"the prompts take {size} bytes in UTF-16: too long for a JPEG's EXIF infotext "
+                                f"(at most {JPEG_EXIF_TEXT_BYTES - PARAMS_ROOM}); use samples_format png or webp, "
+                                "or enable_pnginfo false", error="ValueError")
+
+
 def build_request(state: ApiState, values: dict, mode: str, options: dict) -> GenerationRequest:
     _check_unsupported(values, mode)
     init_images = None
     if mode == "img2img":
         if not values.get("init_images"):
             raise ApiError(404, "Init image not found")
-        try:
-            init_images = [decode_image(v) for v in values["init_images"]]
-        except ImageDecodeError as exc:
-            raise ApiError(400, f"Invalid encoded image: {exc}") from None
+        init_images = open_init_images(state, values)  # headers only: decoded after the limits pass
     prompt, negative = apply_styles(state.settings.styles_file, values.get("styles"),
                                     _value(values, "prompt", ""), _value(values, "negative_prompt", ""))
     req = GenerationRequest(
@@ -114,7 +175,9 @@ def build_request(state: ApiState, values: dict, mode: str, options: dict) -> Ge
         denoising_strength=_value(values, "denoising_strength", 0.75),
         resize_mode=_value(values, "resize_mode", 0),
     )
-    _check_limits(state, req)
+    check_limits(state, req)
+    _check_request(state, req, options)
+    load_images(req.init_images)
     return req
 
 
@@ -157,6 +220,18 @@ def infotext_params(result: GenerationResult, index: int, options: dict, mode: s
     return params
 
 
+def _encode(image, fmt: str, infotext: str | None, quality: int) -> bytes:
+    try:
+        return encode_image_bytes(image, fmt, infotext, jpeg_quality=quality)
+    except ValueError:
+        if not infotext:
+            raise
+        # The images exist now: rather than lose them, send this one without its EXIF infotext (the
+        # record keeps the text). _check_request refuses the prompts for which this is foreseeable.
+        log.warning("infotext of %d characters does not fit a %s's EXIF: image sent without it", len(infotext), fmt)
+        return encode_image_bytes(image, fmt, None, jpeg_quality=quality)
+
+
 def build_response(state: ApiState, values: dict, mode: str, result: GenerationResult, options: dict,
                    timestamp: str, request_id: str) -> tuple[dict, list[dict]]:
     """The A1111 response and one record per image for the records room."""
@@ -167,8 +242,7 @@ def build_response(state: ApiState, values: dict, mode: str, result: GenerationR
         text = create_infotext(result.prompts[i], result.negative_prompts[i],
                                infotext_params(result, i, options, mode))
         infotexts.append(text)
-        data = encode_image_bytes(image, fmt, text if options["enable_pnginfo"] else None,
-                                  jpeg_quality=int(options["jpeg_quality"]))
+        data = _encode(image, fmt, text if options["enable_pnginfo"] else None, int(options["jpeg_quality"]))
         images.append(data)
         records.append({
             "request_id": request_id, "image_index": i, "prompt": result.prompts[i],
@@ -218,8 +292,10 @@ def apply_infotext(values: dict, explicit: set[str]) -> dict:
     def convert(kind, raw, key):
         try:
             return kind(float(raw)) if kind is int else kind(raw)
-        except (TypeError, ValueError):
-            raise ApiError(422, f"infotext value {key}: {raw!r} is not a valid {kind.__name__}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValidationFailed([{"loc": ["body", "infotext"], "type": f"type_error.{kind.__name__}",
+                                     "msg": f"infotext value {key}: {str(raw)[:40]!r} is not a valid {kind.__name__}"}]
+                                   ) from None
 
     for key, (field, kind) in INFOTEXT_FIELDS.items():
         if key in parsed and field not in explicit:
@@ -232,26 +308,45 @@ def apply_infotext(values: dict, explicit: set[str]) -> dict:
     return filled
 
 
-def run_generation(state: ApiState, values: dict, mode: str, request_id: str | None = None) -> dict:
+def validate_generation(state: ApiState, values: dict, mode: str) -> None:
+    """Every check a generation gets before it runs, without running it (a task is validated at submit)."""
+    req = build_request(state, values, mode, state.options.with_overrides(values.get("override_settings")))
+    try:
+        validate_engine_request(req)  # sampler, schedule: what the engine would refuse once queued
+    except InvalidRequestError as exc:
+        raise ApiError(400, str(exc), error="ValueError") from None
+
+
+def run_generation(state: ApiState, values: dict, mode: str, request_id: str | None = None,
+                   control: JobControl | None = None) -> dict:
+    # `request_id` only correlates logs (FC's id, or a fresh one): each generation's records get their own
+    # key, so that no request, whatever headers it sends, can share (and overwrite) another one's rows.
     request_id = request_id or uuid.uuid4().hex
+    record_key = uuid.uuid4().hex
     options = state.options.with_overrides(values.get("override_settings"))
     req = build_request(state, values, mode, options)
-    control = JobControl()
+    control = control or JobControl()  # a task passes its own, which its keep-alive watches
     with state.queue:
         state.start_job(f"scripts_{mode}", control)
         try:
             result = state.engine.generate(req, control)
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc), error="ValueError") from None
+        except OutOfMemoryError as exc:
+            # The job's buffers are released with it: the next (smaller, or later) request runs normally.
+            log.warning("job ran out of memory: %s", exc)
+            raise ApiError(503, f"{exc}; try a smaller size or batch, or again later (lower SDFC_MEMORY_BUDGET "
+                                "if this repeats)", error="OutOfMemoryError",
+                           headers={"Retry-After": "5"}) from None
         finally:
             timestamp = state.job.timestamp
             state.end_job()
         if values.get("override_settings") and values.get("override_settings_restore_afterwards") is False:
             state.options.update({k: v for k, v in values["override_settings"].items()
                                   if k in options and k != "sd_model_checkpoint"})
-    response, records = build_response(state, values, mode, result, options, timestamp, request_id)
+    response, records = build_response(state, values, mode, result, options, timestamp, record_key)
     if state.on_images is not None:
         state.on_images(records)
-    log.info("generated %d image(s) in request %s", len(result.images), request_id)
+    log.info("generated %d image(s) in request %s as record %s", len(result.images), request_id, record_key)
     return response
 

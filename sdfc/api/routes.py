@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
+import re
 import time
 
 import numpy as np
@@ -17,12 +19,13 @@ from PIL import Image
 from ..engine import ModelNotFoundError
 from ..engine import samplers as engine_samplers
 from ..engine import schedules as engine_schedules
-from . import payloads
+from . import auth, payloads
 from .errors import ApiError, ValidationFailed, json_response
 from .extras import run_extras_batch, run_extras_single, UPSCALERS
 from .generation import apply_infotext, run_generation
-from .images import ImageDecodeError, decode_image, read_infotext
+from .images import ImageDecodeError, read_image_metadata
 from .infotext import parse_generation_parameters
+from .options import check_value
 from .state import ApiState
 from .styles import load_styles
 
@@ -48,49 +51,160 @@ def state() -> ApiState:
     return current_app.extensions["sdfc"]
 
 
+# A1111 payloads nest a few levels (alwayson_scripts args); far deeper JSON only serves to exhaust the
+# recursion limit of json.loads, of the response encoder or of any code walking the values.
+MAX_JSON_DEPTH = 64
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+class _NotCompliant(ValueError):
+    """A JSON number that is not a finite float (NaN, Infinity, 1e999): valid for Python, not for JSON."""
+
+
+def _no_constant(name: str):
+    raise _NotCompliant(f"Out of range float values are not JSON compliant: {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotCompliant(f"Out of range float values are not JSON compliant: {text[:40]}")
+    return value
+
+
+def _body_error(msg: str, loc: list | None = None, kind: str = "value_error.jsondecode") -> ValidationFailed:
+    return ValidationFailed([{"loc": ["body", *(loc or [])], "msg": msg, "type": kind}])
+
+
+def _check_depth(body) -> None:
+    stack = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _body_error(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        for child in (node.values() if isinstance(node, dict) else node):
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+
+
+def _surrogate_path(node, path=()):
+    """The loc of the first string (or key) holding a lone UTF-16 surrogate, which UTF-8 cannot carry."""
+    if isinstance(node, str):
+        return path if _has_surrogate(node) else None
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        if isinstance(key, str) and _has_surrogate(key):
+            return path + (_printable(key),)
+        found = _surrogate_path(child, path + (_printable(key) if isinstance(key, str) else key,))
+        if found is not None:
+            return found
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _printable(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")  # "\ud800" as its escape, not the char
+
+
+def _check_surrogates(raw: bytes, body) -> None:
+    # Lone surrogates arrive as \ud800 escapes or as raw surrogate bytes (json.loads decodes bytes with
+    # surrogatepass); a prompt holding one fails in the tokenizer and cannot be echoed as UTF-8.
+    try:
+        raw.decode("utf-8")
+        if not _SURROGATE_ESCAPE.search(raw):
+            return
+    except UnicodeDecodeError:
+        pass
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        loc = _surrogate_path(body) or ()
+        raise _body_error("string contains a lone UTF-16 surrogate", list(loc), "value_error.str.surrogate") from None
+
+
 def body_json():
-    """The request body as JSON, or FastAPI's 422 for malformed JSON."""
+    """The request body as JSON, or FastAPI's 422 for malformed JSON.
+
+    Stricter than Python's json module, as JSON itself is: NaN, Infinity and numbers beyond float range
+    are refused anywhere in the body, and so are lone surrogates and nesting deeper than MAX_JSON_DEPTH.
+    """
+    if "sdfc_body" in g:
+        return g.sdfc_body
     raw = request.get_data(cache=True)
     if not raw:
         raise ValidationFailed([{"loc": ["body"], "msg": "field required", "type": "value_error.missing"}])
     try:
-        return json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except _NotCompliant as exc:
+        raise _body_error(str(exc)) from None
+    except RecursionError:
+        raise _body_error(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
         pos = getattr(exc, "pos", 0)
         raise ValidationFailed([{"loc": ["body", pos], "msg": str(exc).split(":")[0],
                                  "type": "value_error.jsondecode",
                                  "ctx": {"msg": str(exc).split(":")[0], "pos": pos}}]) from None
+    if isinstance(body, (dict, list)):
+        _check_depth(body)
+        _check_surrogates(raw, body)
+    elif isinstance(body, str):
+        _check_surrogates(raw, body)
+    g.sdfc_body = body
+    return body
 
 
-def parse(model):
-    values, errors = model.parse(body_json())
+def parse(model, body=None):
+    values, errors = model.parse(body_json() if body is None else body)
     if errors:
         raise ValidationFailed(errors)
     return values
 
 
-def _generate(mode: str, model):
-    values = parse(model)
+def generation_values(mode: str) -> dict:
+    """The txt2img/img2img body, parsed and with its `infotext` applied (v1 routes and v2 task submits)."""
+    model = payloads.TXT2IMG if mode == "txt2img" else payloads.IMG2IMG
+    body = body_json()
+    values = parse(model, body)
     if values.get("infotext"):
-        values = apply_infotext(values, set(request.get_json(silent=True) or {}))
+        # The infotext's values go through the same checks as the fields they fill.
+        values = parse(model, apply_infotext(values, set(body)))
     g.log_extra = {"steps": values.get("steps"), "size": f"{values.get('width')}x{values.get('height')}"}
+    return values
+
+
+def _generate(mode: str):
+    values = generation_values(mode)
+    state().admit()
+    jobs = current_app.extensions.get("sdfc.jobs")
+    if values.get("force_task_id") and jobs is not None:
+        # A1111's web UI names the job so that /internal/progress can follow it from any instance.
+        status, body = jobs.run_inline(mode, values, auth.user_of())
+        return json_response(body, status)
     with state().track():
         return json_response(run_generation(state(), values, mode, request_id=g.get("request_id")))
 
 
 @bp.post("/txt2img")
 def txt2img():
-    return _generate("txt2img", payloads.TXT2IMG)
+    return _generate("txt2img")
 
 
 @bp.post("/img2img")
 def img2img():
-    return _generate("img2img", payloads.IMG2IMG)
+    return _generate("img2img")
 
 
 @bp.post("/extra-single-image")
 def extra_single_image():
     values = parse(payloads.EXTRAS_SINGLE)
+    state().admit()
     with state().track(), state().queue:
         return json_response(run_extras_single(values))
 
@@ -98,8 +212,9 @@ def extra_single_image():
 @bp.post("/extra-batch-images")
 def extra_batch_images():
     values = parse(payloads.EXTRAS_BATCH)
+    state().admit()
     with state().track(), state().queue:
-        return json_response(run_extras_batch(values))
+        return json_response(run_extras_batch(values, state().settings.max_images))
 
 
 @bp.post("/png-info")
@@ -108,10 +223,9 @@ def png_info():
     if not (values["image"] or "").strip():
         raise ApiError(400, "Invalid encoded image: the image is empty")
     try:
-        image = decode_image(values["image"])
+        info, items = read_image_metadata(values["image"])  # metadata only: no pixel is decoded
     except ImageDecodeError as exc:
         raise ApiError(400, f"Invalid encoded image: {exc}") from None
-    info, items = read_infotext(image)
     info = info or ""
     return json_response({"info": info, "items": items,
                           "parameters": parse_generation_parameters(info) if info else {}})
@@ -181,18 +295,33 @@ def set_options():
     if not isinstance(values, dict):
         raise ValidationFailed([{"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"}])
     st = state()
-    checkpoint = values.pop("sd_model_checkpoint", None)
-    st.options.update(values)
+    values = dict(values)
+    checkpoint = check_value("sd_model_checkpoint", values.pop("sd_model_checkpoint", None))
+    info = None
     if checkpoint:
         try:
             info = st.engine.find_model(checkpoint)
         except ModelNotFoundError as exc:
             raise ApiError(400, str(exc), error="RuntimeError") from None
+    _check_clip_skip(st, info or st.engine.current, {**st.options.snapshot(), **values})
+    st.options.update(values)  # every value is checked before any is stored
+    if info is not None:
         with st.queue:  # as A1111: a model switch waits behind the running job
             st.engine.load(info.name)
             st.engine.current = info
             st.options.update(st.model_options())
     return json_response(None)
+
+
+def _check_clip_skip(st: ApiState, model, merged: dict) -> None:
+    """A stored clip skip the model lacks would fail every later job (per-job overrides fail only theirs)."""
+    value = merged.get("CLIP_stop_at_last_layers")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == int(value):
+        available = sorted(dict(model.clip_skip_outputs))
+        if int(value) not in available:
+            raise ApiError(400, f"option CLIP_stop_at_last_layers: clip skip {int(value)} is not available for "
+                                f"model {model.name!r} (available: {', '.join(map(str, available))})",
+                           error="ValueError")
 
 
 @bp.get("/cmd-flags")

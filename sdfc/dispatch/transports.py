@@ -88,7 +88,9 @@ class Fc3Transport(_FcTransport):
                                        read_timeout=int(self.timeout_s * 1000))
         return Client(config)
 
-    def deliver(self, body: bytes) -> None:
+    def deliver(self, body: bytes, async_task_id: str | None = None) -> None:
+        """`async_task_id`: FC's asynchronous task id (x-fc-async-task-id), so that FC's console and API can
+        name, query and stop the invocation by the caller's own id."""
         from alibabacloud_fc20230330 import models
         from alibabacloud_tea_openapi.exceptions import ClientException
         from darabonba.runtime import RuntimeOptions
@@ -96,7 +98,7 @@ class Fc3Transport(_FcTransport):
         try:
             response = client.invoke_function_with_options(
                 self.function_name, models.InvokeFunctionRequest(body=body, qualifier=self.qualifier),
-                models.InvokeFunctionHeaders(x_fc_invocation_type="Async"),
+                models.InvokeFunctionHeaders(x_fc_invocation_type="Async", x_fc_async_task_id=async_task_id),
                 RuntimeOptions(autoretry=False))
         except ClientException as exc:
             if exc.status_code in (400, 413) and exc.code in ("InvalidArgument", "PayloadTooLarge"):

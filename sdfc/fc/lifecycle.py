@@ -28,6 +28,8 @@ from ..api.auth import platform_hook, platform_hook_of
 from ..api.errors import a1111_error, json_response
 from ..api.state import ANSWERS_SENT, DEFAULT_DRAIN_S, drain_seconds
 from ..engine import GenerationRequest
+from ..jobs.api import EXTENSION as JOBS_EXTENSION
+from ..jobs.fc_async import task_of_event
 from . import events, gateway
 
 log = logging.getLogger("sdfc.fc")
@@ -124,6 +126,14 @@ def pre_stop():
 @platform_hook("/invoke")
 def invoke():
     app = current_app._get_current_object()
+    jobs = app.extensions.get(JOBS_EXTENSION)
+    task_id = task_of_event(request.get_data()) if jobs is not None else None
+    if task_id is not None:  # a task handed to FC's async queue (sdfc/jobs/fc_async.py): run it here
+        status, body = jobs.run_handed_off(task_id)
+        response = json_response(body, status)
+        if status >= 400:
+            response.headers["x-fc-status"] = "404"  # FC retries it, on an instance that is not going away
+        return response
     try:
         call = events.call_from_event(request.get_data())
         # The invocation's trusted x-fc-* headers (role credentials) travel on; none outside FC, and never the
