@@ -8,6 +8,7 @@ import base64
 import functools
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -318,7 +319,9 @@ def validate_generation(state: ApiState, values: dict, mode: str) -> None:
 
 
 def run_generation(state: ApiState, values: dict, mode: str, request_id: str | None = None,
-                   control: JobControl | None = None) -> dict:
+                   control: JobControl | None = None, user: str = "", task_id: str | None = None) -> dict:
+    """Queue, generate, answer as A1111; each image's record names its `user` (and `task_id`) and carries
+    its share of the engine's seconds and their estimated cost (Settings.pricing)."""
     # `request_id` only correlates logs (FC's id, or a fresh one): each generation's records get their own
     # key, so that no request, whatever headers it sends, can share (and overwrite) another one's rows.
     request_id = request_id or uuid.uuid4().hex
@@ -329,7 +332,9 @@ def run_generation(state: ApiState, values: dict, mode: str, request_id: str | N
     with state.queue:
         state.start_job(f"scripts_{mode}", control)
         try:
+            engine_started = time.perf_counter()
             result = state.engine.generate(req, control)
+            engine_seconds = time.perf_counter() - engine_started
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc), error="ValueError") from None
         except OutOfMemoryError as exc:
@@ -345,6 +350,10 @@ def run_generation(state: ApiState, values: dict, mode: str, request_id: str | N
             state.options.update({k: v for k, v in values["override_settings"].items()
                                   if k in options and k != "sd_model_checkpoint"})
     response, records = build_response(state, values, mode, result, options, timestamp, record_key)
+    per_image = round(engine_seconds / max(1, len(records)), 4)
+    for record in records:
+        record.update(user=user, task_id=task_id, gpu_seconds=per_image,
+                      cost=state.settings.pricing.cost(per_image))
     if state.on_images is not None:
         state.on_images(records)
     log.info("generated %d image(s) in request %s as record %s", len(result.images), request_id, record_key)

@@ -188,7 +188,8 @@ def _generate(mode: str):
         status, body = jobs.run_inline(mode, values, auth.user_of())
         return json_response(body, status)
     with state().track():
-        return json_response(run_generation(state(), values, mode, request_id=g.get("request_id")))
+        return json_response(run_generation(state(), values, mode, request_id=g.get("request_id"),
+                                            user=auth.user_of()))
 
 
 @bp.post("/txt2img")

@@ -83,7 +83,8 @@ class TaskRunner:
         try:
             values = json.loads(self.outputs.get(task["payload_key"]))
             with self.api.track():  # a drain waits for tasks as for requests
-                body = run_generation(self.api, values, task["type"], request_id=task_id, control=control)
+                body = run_generation(self.api, values, task["type"], request_id=task_id, control=control,
+                                      user=task["user"] or "", task_id=task_id)
             # A user's cancel keeps what A1111's interrupt returns (the image so far); so does /interrupt.
             status, outcome, error = 200, ("cancelled" if control.cancel_seen else "succeeded"), None
             if control.interrupted and not control.cancel_seen and self.api.draining:
