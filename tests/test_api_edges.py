@@ -121,11 +121,18 @@ def test_malformed_json_and_missing_body_are_422(server):
 
 
 def test_coercions_clients_rely_on(server):
-    r = post(server, "/sdapi/v1/txt2img", {"steps": "2", "width": 64.9, "height": "64", "cfg_scale": 7,
-                                            "seed": "11", "unknown_field": {"ignored": True}})
+    r = post(server, "/sdapi/v1/txt2img", {"steps": 2.0, "width": 64.9, "height": 64, "cfg_scale": 7,
+                                            "seed": "11", "subseed": " -3 ", "unknown_field": {"ignored": True}})
     assert r.status_code == 200
     info = json.loads(r.json()["info"])
-    assert (info["steps"], info["width"], info["height"], info["cfg_scale"], info["seed"]) == (2, 64, 64, 7.0, 11)
+    assert (info["steps"], info["width"], info["height"], info["cfg_scale"], info["seed"], info["subseed"]) == \
+        (2, 64, 64, 7.0, 11, -3)
+    # A numeric string only where the document can state which strings are valid (schema.py): not for
+    # fields the server limits further (steps, sizes) nor for floats.
+    for field, raw, kind in (("steps", "2", "type_error.integer"), ("height", "64", "type_error.integer"),
+                             ("cfg_scale", "7", "type_error.float")):
+        r = post(server, "/sdapi/v1/txt2img", {field: raw, "steps": 2, "width": 64, "height": 64, field: raw})
+        assert r.status_code == 422 and r.json()["detail"][0]["type"] == kind, (field, r.text[:200])
 
 
 def _bomb_png(width=50000, height=50000) -> str:

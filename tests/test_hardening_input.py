@@ -169,7 +169,7 @@ def test_nan_option_is_refused_and_generation_keeps_working(server, session):
     ("cfg_scale", "NaN", "value_error.jsondecode"),
     ("cfg_scale", "1e308", "value_error.number.not_le"),
     ("cfg_scale", '"nan"', "type_error.float"),
-    ("cfg_scale", '"1e999"', "value_error.number.not_finite_number"),
+    ("cfg_scale", '"1e999"', "type_error.float"),  # floats take numbers only (schema.py)
     ("subseed_strength", "Infinity", "value_error.jsondecode"),
     ("eta", "1e999", "value_error.jsondecode"),
     ("s_churn", "-Infinity", "value_error.jsondecode"),

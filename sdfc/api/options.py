@@ -6,6 +6,7 @@ for one job should send it in `override_settings`, which always applies to exact
 from __future__ import annotations
 
 import copy
+import math
 import threading
 
 from .errors import ApiError
@@ -73,20 +74,73 @@ CHOICES = {
     "randn_source": ("GPU", "CPU", "NV"),
     "emphasis": ("Original", "No norm", "Ignore", "None"),
 }
-NUMBERS = {"jpeg_quality", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "eta_ancestral", "eta_ddim",
-           "s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond", "sigma_min", "sigma_max", "rho",
-           "show_progress_every_n_steps", "initial_noise_multiplier", "comma_padding_backtrack"}
+# Numeric options with the ranges of A1111's sliders for them (modules/shared_options.py, v1.10);
+# None: unbounded (a gr.Number there). `integer`: the slider steps by 1, or gr.Number(precision=0).
+NUMBERS = {
+    "jpeg_quality": (1, 100, True),
+    "show_progress_every_n_steps": (-1, 32, True),
+    "CLIP_stop_at_last_layers": (1, 12, True),
+    "eta_noise_seed_delta": (-(2 ** 63), 2 ** 63 - 1, True),
+    "eta_ancestral": (0, 1, False),
+    "eta_ddim": (0, 1, False),
+    "s_churn": (0, 100, False),
+    "s_tmin": (0, 10, False),
+    "s_tmax": (0, 999, False),
+    "s_noise": (0, 1.1, False),
+    "s_min_uncond": (0, 15, False),
+    "sigma_min": (0, 2, False),
+    "sigma_max": (0, 60, False),
+    "rho": (None, None, False),
+    "initial_noise_multiplier": (0, 1.5, False),
+    "comma_padding_backtrack": (0, 74, True),
+    "sd_checkpoint_cache": (0, 10, True),
+    "sd_vae_checkpoint_cache": (0, 10, True),
+}
+
+
+def _bad(key: str, message: str, value) -> ApiError:
+    return ApiError(400, f"option {key} {message}, got {_shown(value)}", error="ValueError")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_number(key: str, value):
+    low, high, integer = NUMBERS[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(key, "must be a number", value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad(key, "must be a finite number", value)
+    if integer and value != int(value):
+        raise _bad(key, "must be a whole number", value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise _bad(key, f"must be between {low} and {high}", value)
+    return value
 
 
 def check_value(key: str, value):
-    """Validate one option; raise a 400 naming it. Returns the value to store."""
+    """Validate one option with the type of its default and its A1111 range; raise a 400 naming it.
+
+    Returns the value to store. A value that passes here is one every job can use, so a bad POST
+    /options cannot break later generations.
+    """
     if key not in DEFAULTS:
         raise ApiError(400, f"unknown option {key!r}", error="KeyError", errors=repr(key))
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ApiError(400, f"option {key} must be one of {', '.join(CHOICES[key])}, got {value!r}",
-                       error="ValueError")
-    if key in NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ApiError(400, f"option {key} must be a number, got {value!r}", error="ValueError")
+    if key in CHOICES:
+        if not isinstance(value, str) or value not in CHOICES[key]:
+            raise _bad(key, f"must be one of {', '.join(CHOICES[key])}", value)
+        return value
+    if key in NUMBERS:
+        return _check_number(key, value)
+    default = DEFAULTS[key]
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise _bad(key, "must be true or false", value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise _bad(key, "must be a string", value)
+    if default is None and value is not None and not isinstance(value, str):
+        raise _bad(key, "must be a string or null", value)
     return value
 
 

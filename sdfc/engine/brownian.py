@@ -61,7 +61,9 @@ class BrownianTree:
         if tol <= 0:
             raise ValueError("tol must be positive")
         self.shape = tuple(int(s) for s in shape)
-        self.entropy = int(entropy)
+        # A seed is any int64/uint64 (torch.manual_seed's range); SeedSequence takes non-negative entropy only,
+        # so a negative seed is read as its 64-bit two's complement, as torch does.
+        self.entropy = int(entropy) % 2 ** 64
         self.source = source
         self.pool_size = int(pool_size)
         digits = -int(math.log10(tol))
