@@ -67,7 +67,8 @@ def _records(app: Flask, settings: Settings) -> tuple[RecordPipeline, Callable[[
     pipeline = build_pipeline(settings, outputs, local_handler=writer.handle)
     app.extensions["sdfc.records"] = pipeline
     app.extensions["sdfc.records_store"] = store
-    app.register_blueprint(make_gallery_blueprint(store))
+    app.register_blueprint(make_gallery_blueprint(store, admins=settings.admins, auth_enabled=bool(settings.auth),
+                                                  currency=settings.pricing.currency))
     return pipeline, pipeline.sink
 
 

@@ -183,7 +183,8 @@ def _serve(tmp, database_url: str):
     image = base64.b64encode(_png()).decode()
     ids = {name: store.upsert({"request_id": f"edge-{name}", "image_index": 0, "prompt": f"edge {name}",
                                "model": "tiny-sd", "created_at": when, "image_format": "png",
-                               "image_base64": image, "infotext": f"edge {name}"})
+                               "image_base64": image, "infotext": f"edge {name}",
+                               "user": USER})  # the gallery shows a user their own images
            for name, when in EDGE_ROWS.items()}
     store.close()
     server = start_server(tmp, env={"SDFC_DATABASE_URL": database_url, "SDFC_DISPATCH": "local"})

@@ -68,7 +68,8 @@ def test_mysql_table_has_the_original_columns_and_types(mysql_db, tmp_path):
     assert {k: types[k] for k in ORIGINAL_TYPES} == ORIGINAL_TYPES
     assert cols[0]["COLUMN_KEY"] == "PRI" and "auto_increment" in cols[0]["EXTRA"]
     assert set(types) - set(ORIGINAL_TYPES) == {"request_id", "image_index", "created_at", "image_key",
-                                                "image_format", "infotext"}
+                                                "image_format", "infotext", "user", "gpu_seconds", "cost",
+                                                "task_id"}
     table = mariadb.fetch(mysql_db, "SELECT TABLE_COLLATION FROM information_schema.TABLES WHERE "
                                     "TABLE_SCHEMA = %s AND TABLE_NAME = 'generated_images'", (mysql_db,))[0]
     has_0900 = mariadb.fetch(mysql_db, "SHOW COLLATION LIKE 'utf8mb4_0900_ai_ci'")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 from datetime import datetime, timezone
 
@@ -21,6 +22,9 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 IMAGE_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
 TEXT_FIELDS = ("prompt", "negative_prompt", "infotext")
 VARCHAR_FIELDS = ("steps", "seed", "sampler", "cfg_scale", "size", "model_hash", "model")
+# Who generated the image and what it cost (absent from older events and spool entries: stored as NULL).
+ACCOUNT_TEXT_FIELDS = ("user", "task_id")
+ACCOUNT_NUMBER_FIELDS = ("gpu_seconds", "cost")
 
 
 class RecordRejected(ValueError):
@@ -64,7 +68,8 @@ def event_from_generation(record: dict, key: str, created_at: datetime) -> dict:
         "image_format": IMAGE_FORMATS.get(str(record.get("image_format", "png")).lower(), "png"),
         "image_sha256": hashlib.sha256(data).hexdigest(),
         "image_bytes": len(data),
-        **{name: record.get(name) for name in TEXT_FIELDS + VARCHAR_FIELDS},
+        **{name: record.get(name) for name in TEXT_FIELDS + VARCHAR_FIELDS + ACCOUNT_TEXT_FIELDS
+           + ACCOUNT_NUMBER_FIELDS},
     }
 
 
@@ -132,6 +137,22 @@ def _text(event: dict, name: str, required: bool = False) -> str | None:
     return text
 
 
+def _amount(event: dict, name: str) -> float | None:
+    """A finite, non-negative number (seconds, money) or None; anything else can never be summed."""
+    value = event.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecordRejected(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any double
+        raise RecordRejected(f"{name} is too large for a double") from None
+    if not math.isfinite(number) or number < 0:
+        raise RecordRejected(f"{name} must be a finite non-negative number, got {value!r}")
+    return number
+
+
 def parse_created_at(value) -> datetime | None:
     if value in (None, ""):
         return None
@@ -159,6 +180,10 @@ def row_from_event(event: dict) -> dict:
         row[name] = row[name] or ""
     row["image_key"] = _text(event, "image_key")
     row["image_format"] = _text(event, "image_format")
+    for name in ACCOUNT_TEXT_FIELDS:
+        row[name] = _text(event, name)
+    for name in ACCOUNT_NUMBER_FIELDS:
+        row[name] = _amount(event, name)
     return row
 
 

@@ -6,6 +6,12 @@ GET /gallery/api/images                 newest first; ?page, page_size (≤100),
 GET /gallery/api/images/<id>            one record with its infotext (?include=image adds image_base64)
 GET /gallery/api/images/<id>/image.png  the image as a PNG download carrying its infotext
 GET /gallery/api/models                 the model names present, for a filter
+GET /gallery/api/usage                  images, gpu_seconds and cost in total and per UTC day, model and user;
+                                        ?since, until, user (and q, model) as for the list
+
+Who sees what: with SDFC_AUTH, a user sees only the images they generated (someone else's image is a 404,
+as a missing one); users in SDFC_ADMINS see everyone's and may filter with ?user=. A server without auth has
+one local user, who sees everything. A non-admin's ?user= is ignored (as in the task list).
 
 Every read is a request-path read (see `RecordStore.gate`): when the database is slow or down the answer is a
 503 with Retry-After within the store's `request_timeout`, naming no host, user or driver error (those go to
@@ -21,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, Response, json, request
 
+from ..api.auth import user_of
 from .store import MAX_RECORD_ID, GalleryQuery, RecordStore, StoreUnavailable
 
 log = logging.getLogger("sdfc.records")
@@ -110,6 +117,8 @@ def _item(row: dict, detail: bool = False) -> dict:
         "cfg_scale": _number(row.get("cfg_scale")), "size": row.get("size"),
         "model_hash": row.get("model_hash"), "model": row.get("model"),
         "image_format": row.get("image_format") or "png",
+        "user": row.get("user"), "task_id": row.get("task_id"),
+        "gpu_seconds": row.get("gpu_seconds"), "cost": row.get("cost"),
         "image_url": f"/gallery/api/images/{row['id']}/image.png",
     }
     if detail:
@@ -134,8 +143,33 @@ def png_with_infotext(data: bytes, infotext: str | None) -> bytes:
     return out.getvalue()
 
 
-def make_gallery_blueprint(store: RecordStore) -> Blueprint:
+def make_gallery_blueprint(store: RecordStore, *, admins=(), auth_enabled: bool = True,
+                           currency: str = "USD") -> Blueprint:
+    """`admins`: users who see every user's records; `auth_enabled` False: the one local user sees all."""
     bp = Blueprint("gallery", __name__, url_prefix="/gallery/api")
+    admins = frozenset(admins)
+
+    def _own_only() -> str | None:
+        """The caller when they may see only their own records; None for an admin or without auth."""
+        caller = user_of()
+        return None if not auth_enabled or caller in admins else caller
+
+    def _scope() -> str | None:
+        """The user filter of a list: the caller's own, or (an admin's) ?user=, or None for everyone's."""
+        own = _own_only()
+        return own if own is not None else request.args.get("user") or None
+
+    def _visible(row: dict | None) -> dict | None:
+        own = _own_only() if row is not None else None
+        return row if own is None or row.get("user") == own else None  # someone else's: as if missing
+
+    def _query(paged: bool = True) -> GalleryQuery:
+        query = GalleryQuery(text=request.args.get("q") or None, model=request.args.get("model") or None,
+                             since=_time_arg("since"), until=_time_arg("until", end_of_day=True), user=_scope())
+        if paged:
+            query.page = _int_arg("page", 1, 1, 10**6)
+            query.page_size = _int_arg("page_size", 20, 1, MAX_PAGE_SIZE)
+        return query
 
     @bp.errorhandler(BadParameter)
     def _bad(exc):
@@ -154,10 +188,7 @@ def make_gallery_blueprint(store: RecordStore) -> Blueprint:
 
     @bp.get("/images")
     def list_images():
-        query = GalleryQuery(
-            text=request.args.get("q") or None, model=request.args.get("model") or None,
-            since=_time_arg("since"), until=_time_arg("until", end_of_day=True),
-            page=_int_arg("page", 1, 1, 10**6), page_size=_int_arg("page_size", 20, 1, MAX_PAGE_SIZE))
+        query = _query()
         rows, total = store.query(query, request=True)
         return _json({"items": [_item(r) for r in rows], "page": query.page, "page_size": query.page_size,
                       "total": total, "pages": (total + query.page_size - 1) // query.page_size})
@@ -166,7 +197,7 @@ def make_gallery_blueprint(store: RecordStore) -> Blueprint:
     @bp.get("/images/<raw>")
     def one_image(raw: str):
         record_id, with_image = _record_id(raw), request.args.get("include") == "image"
-        row = None if record_id is None else store.get(record_id, with_image=with_image, request=True)
+        row = None if record_id is None else _visible(store.get(record_id, with_image=with_image, request=True))
         if row is None:
             return _not_found(raw)
         return _json(_item(row, detail=True))
@@ -174,7 +205,7 @@ def make_gallery_blueprint(store: RecordStore) -> Blueprint:
     @bp.get("/images/<raw>/image.png")
     def download(raw: str):
         record_id = _record_id(raw)
-        row = None if record_id is None else store.get(record_id, with_image=True, request=True)
+        row = None if record_id is None else _visible(store.get(record_id, with_image=True, request=True))
         if row is None or not row.get("image_base64"):
             return _not_found(raw)
         data = png_with_infotext(base64.b64decode(row["image_base64"]), row.get("infotext"))
@@ -184,6 +215,14 @@ def make_gallery_blueprint(store: RecordStore) -> Blueprint:
 
     @bp.get("/models")
     def models():
-        return _json({"models": store.models(request=True)})
+        return _json({"models": store.models(request=True, user=_scope())})
+
+    @bp.get("/usage")
+    def usage():
+        result = store.usage(_query(paged=False), request=True)
+        for group in [[result["total"]], *(result[k] for k in ("by_day", "by_model", "by_user"))]:
+            for sums in group:  # float sums of rounded shares: rounded again to the shares' precision
+                sums["gpu_seconds"], sums["cost"] = round(sums["gpu_seconds"], 4), round(sums["cost"], 8)
+        return _json({**result, "currency": currency})
 
     return bp

@@ -40,6 +40,7 @@ class _Pool:
 
 class MySqlStore(RecordStore):
     placeholder = "%s"
+    day_sql = "DATE(`created_at`)"
     URL_OPTIONS = ("connect_timeout", "read_timeout", "write_timeout", "pool_size", "request_timeout",
                    "request_slots")
 

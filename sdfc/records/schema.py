@@ -46,6 +46,10 @@ ADDED_COLUMNS = (
     _varchar("image_key", 512),                        # the image file's key in the outputs store
     _varchar("image_format", 16),                      # png, jpg or webp: the bytes in image_base64
     Column("infotext", "mediumtext", "TEXT", MEDIUMTEXT_BYTES),  # A1111's full "parameters" text
+    _varchar("user", 128),                             # the Basic-auth user ("" on a server without auth)
+    Column("gpu_seconds", "double", "REAL", None),     # this image's share of the engine's seconds
+    Column("cost", "double", "REAL", None),            # their estimated price (Settings.pricing)
+    _varchar("task_id", 64),                           # the task it came from (task API), else NULL
 )
 
 ALL_COLUMNS = ORIGINAL_COLUMNS + ADDED_COLUMNS
@@ -57,6 +61,7 @@ INDEXES = (
     ("uq_generated_images_record", ("request_id", "image_index"), True),
     ("ix_generated_images_created", ("created_at",), False),
     ("ix_generated_images_model", ("model",), False),
+    ("ix_generated_images_user_created", ("user", "created_at"), False),  # a user's gallery and usage
 )
 
 

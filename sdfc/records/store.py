@@ -86,6 +86,7 @@ class GalleryQuery:
     model: str | None = None       # exact model name
     since: datetime | None = None  # created_at >= since (naive UTC)
     until: datetime | None = None  # created_at < until
+    user: str | None = None        # exact user name (None: every user's)
     page: int = 1
     page_size: int = 20
 
@@ -97,6 +98,7 @@ def like_pattern(text: str) -> str:
 
 class RecordStore(ABC):
     placeholder = "?"
+    day_sql = "substr(`created_at`, 1, 10)"  # the UTC date of created_at as YYYY-MM-DD (SQLite keeps text)
 
     def __init__(self, request_timeout: float = REQUEST_TIMEOUT_S, request_slots: int = REQUEST_SLOTS):
         if not request_timeout > 0:
@@ -170,6 +172,9 @@ class RecordStore(ABC):
         if q.model:
             clauses.append(f"`model` = {p}")
             params.append(q.model)
+        if q.user is not None:
+            clauses.append(f"`user` = {p}")
+            params.append(q.user)
         if q.since:
             clauses.append(f"`created_at` >= {p}")
             params.append(self._time_param(q.since))
@@ -193,13 +198,39 @@ class RecordStore(ABC):
                 tuple(params) + (q.page_size, (q.page - 1) * q.page_size))
         return rows, int(total)
 
-    def models(self, request: bool = False) -> list[str]:
-        rows = self._fetch(f"SELECT DISTINCT `model` FROM `{TABLE}` WHERE `model` IS NOT NULL ORDER BY `model`",
+    def models(self, request: bool = False, user: str | None = None) -> list[str]:
+        where, params = self._where(GalleryQuery(user=user))
+        where = (where + " AND" if where else " WHERE") + " `model` IS NOT NULL"
+        rows = self._fetch(f"SELECT DISTINCT `model` FROM `{TABLE}`{where} ORDER BY `model`", tuple(params),
                            request=request)
         return [r["model"] for r in rows]
 
+    def usage(self, q: GalleryQuery, request: bool = False) -> dict:
+        """Images, gpu_seconds and cost of the rows matching `q` (its page ignored): in total and grouped per
+        UTC day, per model and per user, each group sorted by its key (NULL first: legacy rows)."""
+        where, params = self._where(q)
+        sums = "COUNT(*) AS images, SUM(`gpu_seconds`) AS gpu_seconds, SUM(`cost`) AS cost"
+        groups = {"by_day": ("day", self.day_sql), "by_model": ("model", "`model`"), "by_user": ("user", "`user`")}
+        with self._reading(request) as cur:  # one connection (and one gate slot) for all four
+            result = {"total": _sums(self._rows(cur, f"SELECT {sums} FROM `{TABLE}`{where}", tuple(params))[0])}
+            for name, (key, expr) in groups.items():
+                rows = self._rows(cur, f"SELECT {expr} AS `key`, {sums} FROM `{TABLE}`{where} "
+                                       f"GROUP BY {expr} ORDER BY {expr}", tuple(params))
+                result[name] = [{key: _key(r["key"]), **_sums(r)} for r in rows]
+        return result
+
     def count(self) -> int:
         return int(self._fetch(f"SELECT COUNT(*) AS n FROM `{TABLE}`")[0]["n"])
+
+
+def _sums(row: dict) -> dict:
+    # SUM over no rows, or over NULLs only (rows from before costs were recorded), is NULL: nothing spent.
+    return {"images": int(row["images"] or 0), "gpu_seconds": float(row["gpu_seconds"] or 0.0),
+            "cost": float(row["cost"] or 0.0)}
+
+
+def _key(value):
+    return value.isoformat() if hasattr(value, "isoformat") else value  # MySQL's DATE() is a date
 
 
 def open_store(url: str) -> RecordStore:
