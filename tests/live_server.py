@@ -44,14 +44,18 @@ class LiveServer:
 
 
 def start_server(tmp: Path, env: dict | None = None, host: str = "127.0.0.1", args: tuple = (),
-                 wait: bool = True) -> LiveServer:
+                 wait: bool = True, unset: tuple = (), preexec_fn=None) -> LiveServer:
+    """`unset`: variables of this environment the server must not see; `preexec_fn`: run in the child before
+    it starts (resource limits)."""
     port = free_port()
     full_env = dict(os.environ, SDFC_AUTH=AUTH, SDFC_DATA_DIR=str(tmp / "data"), PYTHONUNBUFFERED="1")
+    for name in unset:
+        full_env.pop(name, None)
     full_env.update(env or {})
     log_path = tmp / f"server-{port}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "sdfc.cli", "serve", "--host", host, "--port", str(port), *args],
-        env=full_env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+        env=full_env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     server = LiveServer(process, f"http://127.0.0.1:{port}", port, log_path)
     if wait:
         deadline = time.monotonic() + 60

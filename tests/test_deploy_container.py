@@ -102,27 +102,36 @@ def listening_on_all_interfaces(port: int) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def stub():
+def records_stub() -> FcStub:
+    """FC's API on loopback, with the records function collecting the events it receives."""
     received = []
     records_function = props("sdfc-api")["environmentVariables"]["SDFC_RECORDS_FUNCTION"]
     fc = FcStub({records_function: lambda body, context: received.append(json.loads(body))},
                 access_key_id=STS["x-fc-access-key-id"], security_token=STS["x-fc-security-token"]).start()
     fc.received = received
+    return fc
+
+
+def start_container(tmp: Path, stub: FcStub) -> Container:
+    """The image's command with the deployed environment. The only departures: a free port, the stub's address
+    for FC's API, no CUDA requirement (this machine has no GPU; onnxruntime falls back to the CPU and says so),
+    and RDS as SQLite (the tasks' table; records go through the stub), so nothing leaves the machine."""
+    box = Container(tmp, {"SDFC_FC_ENDPOINT": stub.url, "SDFC_REQUIRE_CUDA": "0",
+                          "SDFC_DATABASE_URL": f"sqlite:///{tmp / 'rds.db'}"})
+    box.answered_after = box.first_answer(limit=10)
+    return box
+
+
+@pytest.fixture(scope="module")
+def stub():
+    fc = records_stub()
     yield fc
     fc.stop()
 
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory, stub):
-    # The only departures from the deployed environment: a free port, the stub's address for FC's API, no
-    # CUDA requirement (this machine has no GPU; onnxruntime falls back to the CPU and says so), and the
-    # database.
-    # RDS is SQLite here (the tasks' table; records go through the stub), so nothing leaves the machine.
-    tmp = tmp_path_factory.mktemp("container")
-    box = Container(tmp, {"SDFC_FC_ENDPOINT": stub.url, "SDFC_REQUIRE_CUDA": "0",
-                          "SDFC_DATABASE_URL": f"sqlite:///{tmp / 'rds.db'}"})
-    box.answered_after = box.first_answer(limit=10)
+    box = start_container(tmp_path_factory.mktemp("container"), stub)
     yield box
     assert box.stop() == 0, box.log()
 

@@ -14,9 +14,9 @@ import uuid
 import pytest
 import requests
 
-from .fc_stub import FcStub
 from .live_server import start_server
-from .test_deploy_container import PASSWORD, SMALL, STS, USER, Container, fc_headers, props
+from .test_deploy_container import (PASSWORD, SMALL, USER, Container, fc_headers, records_stub,
+                                    start_container)
 
 BASIC = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
 
@@ -38,19 +38,14 @@ def txt2img_event(prompt: str) -> dict:
 
 @pytest.fixture(scope="module")
 def stub():
-    received = []
-    function = props("sdfc-api")["environmentVariables"]["SDFC_RECORDS_FUNCTION"]
-    fc = FcStub({function: lambda body, context: received.append(json.loads(body))},
-                access_key_id=STS["x-fc-access-key-id"], security_token=STS["x-fc-security-token"]).start()
-    fc.received = received
+    fc = records_stub()
     yield fc
     fc.stop()
 
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory, stub):
-    box = Container(tmp_path_factory.mktemp("hardening-fc"), {"SDFC_FC_ENDPOINT": stub.url, "SDFC_REQUIRE_CUDA": "0"})
-    box.first_answer(limit=10)
+    box = start_container(tmp_path_factory.mktemp("hardening-fc"), stub)
     yield box
     assert box.stop() == 0, box.log()
 
@@ -138,7 +133,8 @@ def test_a_query_in_raw_path_is_a_query(container):
 
 
 def test_outside_fc_the_hooks_need_credentials(tmp_path):
-    box = Container(tmp_path, {"FC_INSTANCE_ID": "", "SDFC_DISPATCH": "local", "SDFC_REQUIRE_CUDA": "0"})
+    box = Container(tmp_path, {"FC_INSTANCE_ID": "", "SDFC_DISPATCH": "local", "SDFC_REQUIRE_CUDA": "0",
+                               "SDFC_DATABASE_URL": f"sqlite:///{tmp_path / 'rds.db'}"})
     try:
         box.first_answer(limit=10)
         # Outside FC anyone can send FC's headers: they open nothing.

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import resource
 import struct
-import subprocess
-import sys
 import time
 import zlib
 
@@ -23,7 +20,7 @@ from PIL import Image
 from sdfc.api.images import read_image_metadata
 from sdfc.config import TINY_MODELS_DIR, Settings
 from sdfc.engine.memory import memory_profile, parse_bytes
-from tests.live_server import AUTH, PASSWORD, USER, LiveServer, free_port
+from tests.live_server import PASSWORD, USER, LiveServer, start_server
 
 ADDRESS_SPACE = 3 * 2**30  # the tiny model serves in ~0.7 GiB of address space; 3 GiB leaves room for jobs
 CREDENTIALS = (USER, PASSWORD)
@@ -36,28 +33,9 @@ def _limit_address_space():
 
 
 def start_limited_server(tmp, env: dict) -> LiveServer:
-    port = free_port()
-    full_env = dict(os.environ, SDFC_AUTH=AUTH, SDFC_DATA_DIR=str(tmp / "data"), PYTHONUNBUFFERED="1",
-                    SDFC_THREADS="2", **env)
-    for name in ("SDFC_MAX_PIXELS", "SDFC_MEMORY_BUDGET"):
-        if name not in env:
-            full_env.pop(name, None)
-    log_path = tmp / f"server-{port}.log"
-    process = subprocess.Popen([sys.executable, "-m", "sdfc.cli", "serve", "--host", "127.0.0.1", "--port",
-                                str(port)], env=full_env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                               preexec_fn=_limit_address_space)
-    server = LiveServer(process, f"http://127.0.0.1:{port}", port, log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            requests.get(server.url + "/openapi.json", timeout=1)
-            return server
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"server did not answer in 60 s:\n{server.log()}")
+    """A server under `ulimit -v`; the limits it derives are its own unless the test sets them."""
+    unset = tuple(name for name in ("SDFC_MAX_PIXELS", "SDFC_MEMORY_BUDGET") if name not in env)
+    return start_server(tmp, env={"SDFC_THREADS": "2", **env}, unset=unset, preexec_fn=_limit_address_space)
 
 
 def post(server, route, body, timeout=60):

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from .fc_stub import FcStub
-from .test_deploy_container import PASSWORD, SMALL, STS, USER, Container, fc_headers
+from .test_deploy_container import PASSWORD, SMALL, STS, USER, fc_headers, start_container
 
 
 @pytest.fixture
@@ -29,10 +29,7 @@ def fc_and_container(tmp_path):
 
     stub = FcStub({"sdfc-api": sd_api, "sdfc-records": lambda body, context: None},
                   access_key_id=STS["x-fc-access-key-id"], security_token=STS["x-fc-security-token"]).start()
-    box = Container(tmp_path, {"SDFC_FC_ENDPOINT": stub.url, "SDFC_REQUIRE_CUDA": "0",
-                               "SDFC_DATABASE_URL": f"sqlite:///{tmp_path / 'rds.db'}"})
-    box_ref["box"] = box
-    box.first_answer(limit=10)
+    box = box_ref["box"] = start_container(tmp_path, stub)
     yield stub, box
     box.stop()
     stub.stop()

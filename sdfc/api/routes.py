@@ -13,7 +13,7 @@ import re
 import time
 
 import numpy as np
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, current_app, g, request
 from PIL import Image
 
 from ..engine import ModelNotFoundError
