@@ -222,12 +222,22 @@ def test_internal_progress_follows_a_forced_task_id(pair):
     a, b = pair
     blocker = submit_and_hang_up(a, "/sdapi/v2/tasks/txt2img", {**LONG, "steps": 20})["task_id"]
     forced = "task(sdfc-progress-1)"
-    submit_and_hang_up(a, "/sdapi/v2/tasks/txt2img", {**LONG, "steps": 12, "force_task_id": forced})
-    seen, progress = [], []
+    submit_and_hang_up(a, "/sdapi/v2/tasks/txt2img", {**LONG, "steps": 60, "force_task_id": forced})
+    seen, progress, previews = [], [], []
+    preview_id = -1
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        r = requests.post(f"{b.url}/internal/progress", json={"id_task": forced, "id_live_preview": -1},
+        r = requests.post(f"{b.url}/internal/progress", json={"id_task": forced, "id_live_preview": preview_id},
                           auth=ALICE, timeout=10).json()
+        if r["live_preview"]:
+            assert r["live_preview"].startswith("data:image/png;base64,") and r["id_live_preview"] != preview_id
+            previews.append(r["id_live_preview"])
+            # The same id sent back: no image until there is a newer one (A1111's protocol).
+            again = requests.post(f"{b.url}/internal/progress",
+                                  json={"id_task": forced, "id_live_preview": r["id_live_preview"]},
+                                  auth=ALICE, timeout=10).json()
+            assert again["live_preview"] is None or again["id_live_preview"] != r["id_live_preview"]
+            preview_id = r["id_live_preview"]
         state = "completed" if r["completed"] else "active" if r["active"] else "queued" if r["queued"] else "?"
         if not seen or seen[-1] != state:
             seen.append(state)
@@ -238,10 +248,14 @@ def test_internal_progress_follows_a_forced_task_id(pair):
         if state == "queued":
             assert r["textinfo"].startswith("In queue: ")
             pending = requests.get(f"{b.url}/internal/pending-tasks", auth=ALICE, timeout=10).json()
-            assert forced in pending["tasks"] and pending["size"] == len(pending["tasks"])
+            assert pending["size"] == len(pending["tasks"])
+            if forced not in pending["tasks"]:  # it may have started between the two calls
+                status = requests.get(f"{b.url}/sdapi/v2/tasks/{forced}", auth=ALICE, timeout=10).json()["status"]
+                assert status != "queued", pending
         time.sleep(0.1)
     assert seen == ["queued", "active", "completed"], seen
     assert len(progress) >= 2 and progress == sorted(progress) and progress[-1] > progress[0]
+    assert previews and previews == sorted(previews), previews  # previews by step, from another process
     unknown = requests.post(f"{b.url}/internal/progress", json={"id_task": "task(nope)"}, auth=ALICE,
                             timeout=10).json()
     assert (unknown["active"], unknown["queued"], unknown["completed"]) == (False, False, False)

@@ -128,10 +128,11 @@ COMPONENTS = {
     # A1111 1.10's ProgressRequest/ProgressResponse (modules/progress.py), answered from the task store.
     "ProgressRequest": {"title": "ProgressRequest", "type": "object", "required": ["id_task"],
                         "properties": {"id_task": _S,
-                                       "id_live_preview": {"description": "echoed back while the task runs"},
-                                       "live_preview": {"description": "ignored (sdfc sends no live previews)"}}},
+                                       "id_live_preview": {"type": "integer", "description":
+                                                           "the id of the preview the client has (-1: none)"},
+                                       "live_preview": {"description": "false: leave the preview out"}}},
     "InternalProgress": _obj({"active": _B, "queued": _B, "completed": _B, "progress": _nullable(_N),
-                              "eta": _nullable(_N), "live_preview": _NULL, "id_live_preview": {},
+                              "eta": _nullable(_N), "live_preview": _nullable(_S), "id_live_preview": _I,
                               "textinfo": _nullable(_S)}, title="InternalProgress"),
     "PendingTasks": _obj({"size": _I, "tasks": _array(_S)}, title="PendingTasks"),
 }

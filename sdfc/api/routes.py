@@ -6,15 +6,12 @@ so they answer while a job runs.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import re
 import time
 
-import numpy as np
 from flask import Blueprint, current_app, g, request
-from PIL import Image
 
 from ..engine import ModelNotFoundError
 from ..engine import samplers as engine_samplers
@@ -26,6 +23,7 @@ from .generation import apply_infotext, run_generation
 from .images import ImageDecodeError, read_image_metadata
 from .infotext import parse_generation_parameters
 from .options import check_value
+from .preview import preview_png
 from .state import ApiState
 from .styles import load_styles
 
@@ -41,11 +39,6 @@ NOT_SUPPORTED = {
     "server-restart": "server control routes are not available: FC manages instances",
     "server-stop": "server control routes are not available: FC manages instances",
 }
-
-# Latent-space approximation of the SD 1.x VAE (A1111's "Approx cheap" preview): latent → RGB.
-PREVIEW_COEFFICIENTS = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173],
-                                 [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]], dtype=np.float32)
-
 
 def state() -> ApiState:
     return current_app.extensions["sdfc"]
@@ -233,13 +226,8 @@ def png_info():
 
 
 def _preview(latent) -> str | None:
-    if latent is None:
-        return None
-    rgb = np.einsum("chw,cr->hwr", latent[0], PREVIEW_COEFFICIENTS)
-    pixels = (np.clip((rgb + 1) / 2, 0, 1) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    png = preview_png(latent)
+    return base64.b64encode(png).decode("ascii") if png is not None else None
 
 
 @bp.get("/progress")

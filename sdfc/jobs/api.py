@@ -5,6 +5,7 @@ cancels only their own tasks (another user's answer 404, so that ids do not leak
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -17,7 +18,7 @@ from ..api import auth
 from ..api.errors import ApiError, a1111_error, json_response
 from ..records.events import RecordRejected
 from ..records.store import StoreUnavailable
-from .runner import payload_key
+from .runner import payload_key, preview_step
 from .schema import STATUSES
 
 log = logging.getLogger("sdfc.jobs")
@@ -188,6 +189,9 @@ def internal_progress():
     task_id = body.get("id_task") if isinstance(body, dict) else None
     if not isinstance(task_id, str):
         raise ApiError(422, "id_task must be a string")
+    known = body.get("id_live_preview", -1)
+    if isinstance(known, bool) or not isinstance(known, int):
+        raise ApiError(422, "id_live_preview must be an integer")
     r = room()
     r.store.reap()
     task = r.store.get(task_id) if TASK_ID.fullmatch(task_id) else None
@@ -200,14 +204,21 @@ def internal_progress():
     if not active:
         textinfo = "Waiting..."
         if queued:
-            pending = r.store.pending_ids()
-            waiting = [t for t in pending if t != task_id]
-            textinfo = f"In queue: {r.store.queue_position(task) + 1}/{len(waiting) + 1}"
+            queued_total = r.store.list(None, "queued", 1, 1).total
+            textinfo = f"In queue: {r.store.queue_position(task) + 1}/{queued_total}"
         return json_response({"active": False, "queued": queued, "completed": completed, "progress": None,
                               "eta": None, "live_preview": None, "id_live_preview": -1, "textinfo": textinfo})
+    # The live preview travels only when it is newer than the one the client says it has (A1111's protocol).
+    live_preview, preview_id = None, preview_step(task["preview_key"])
+    if preview_id is not None and preview_id != known and body.get("live_preview", True) is not False:
+        try:
+            png = r.outputs.get(task["preview_key"])
+            live_preview = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        except (OSError, ValueError):  # replaced by a newer one meanwhile: the next poll gets that
+            preview_id = known
     return json_response({"active": True, "queued": False, "completed": False,
-                          "progress": float(task["progress"] or 0.0), "eta": task["eta"], "live_preview": None,
-                          "id_live_preview": body.get("id_live_preview", -1), "textinfo": None})
+                          "progress": float(task["progress"] or 0.0), "eta": task["eta"], "live_preview": live_preview,
+                          "id_live_preview": preview_id if preview_id is not None else known, "textinfo": None})
 
 
 @bp.get("/internal/pending-tasks")

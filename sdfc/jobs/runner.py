@@ -13,6 +13,7 @@ import threading
 import time
 
 from ..api.errors import ApiError
+from ..api.preview import preview_png
 from ..api.queue import QueueClosed
 from ..engine import JobControl
 from ..pricing import Pricing
@@ -21,6 +22,7 @@ from .store import TaskStore
 
 log = logging.getLogger("sdfc.jobs")
 CANCEL_POLL_S = 0.05  # one indexed read of one row: cheap next to a UNet step on any device
+PREVIEW_EVERY_S = 1.0  # a small PNG to the outputs store (NAS in FC): A1111's default pace for previews
 
 
 def task_folder(task_id: str) -> str:
@@ -30,6 +32,18 @@ def task_folder(task_id: str) -> str:
 
 def payload_key(task_id: str) -> str:
     return task_folder(task_id) + "/request.json"
+
+
+def preview_key(task_id: str, step: int) -> str:
+    return f"{task_folder(task_id)}/preview-{int(step)}.png"
+
+
+def preview_step(key: str | None) -> int | None:
+    """The step a preview key was stored at (its id for /internal/progress)."""
+    try:
+        return int(key.rsplit("-", 1)[1].split(".", 1)[0]) if key else None
+    except (IndexError, ValueError):
+        return None
 
 
 def result_key(task_id: str) -> str:
@@ -119,8 +133,9 @@ class TaskRunner:
     def _keep_alive(self, task_id: str, control: TaskControl, stop: threading.Event) -> None:
         """Off the sampling thread, so that a slow database never slows the job: the cancel flag is read
         every CANCEL_POLL_S (a cancel lands within a step of the sampler's pace), progress is written and the
-        lease extended every heartbeat_s."""
+        lease extended every heartbeat_s, and a live preview is stored at most every PREVIEW_EVERY_S."""
         began = last_beat = time.monotonic()
+        last_preview, preview = began, None
         poll = min(CANCEL_POLL_S, self.heartbeat_s)
         while not stop.wait(poll):
             try:
@@ -129,11 +144,28 @@ class TaskRunner:
                     last_beat = now
                     done = control.progress
                     eta = (now - began) / done - (now - began) if done > 0 else None
+                    fresh = None
+                    if now - last_preview >= PREVIEW_EVERY_S and self.api.options.snapshot()["live_previews_enable"]:
+                        last_preview = now
+                        fresh = self._store_preview(task_id, control, preview)
+                        preview = fresh or preview
                     cancelled = self.store.heartbeat(task_id, self.instance, self.lease_s, control.last_step,
-                                                     control.sampling_steps, done, eta)
+                                                     control.sampling_steps, done, eta, preview_key=fresh)
                 else:
                     cancelled = self.store.cancel_requested(task_id)
                 if cancelled:
                     control.cancel()
             except Exception:  # noqa: BLE001 - a database blip must not kill the job; the lease covers it
                 log.warning("task %s: heartbeat failed", task_id, exc_info=True)
+
+    def _store_preview(self, task_id: str, control: TaskControl, previous: str | None) -> str | None:
+        """The job's current latent as a preview PNG keyed by its step (the step is the preview's id for
+        /internal/progress); the previous one is removed. None when there is nothing new."""
+        step, png = control.last_step, preview_png(control.current_latent)
+        key = preview_key(task_id, step)
+        if png is None or key == previous:
+            return None
+        self.outputs.put(key, png)
+        if previous:
+            self.outputs.path(previous).unlink(missing_ok=True)
+        return key
