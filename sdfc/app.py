@@ -28,6 +28,7 @@ from .jobs.api import EXTENSION as JOBS_EXTENSION
 from .jobs.api import bp as tasks_bp
 from .records import OutputsStore, RecordWriter, open_store
 from .records.gallery import make_gallery_blueprint
+from .web import bp as web_bp
 
 log = logging.getLogger("sdfc.access")
 OPEN_PATHS = ("/docs", "/openapi.json", "/static/swagger/")
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app.extensions["sdfc"] = state
     app.register_blueprint(sdapi_bp)
     app.register_blueprint(docs_bp)
+    app.register_blueprint(web_bp)  # the pages at / and /images, with the API they call
     if "sdfc.records_store" in app.extensions:
         _jobs(app, settings, state)
     _install_request_hooks(app, settings, pipeline)
