@@ -88,6 +88,7 @@ def test_submit_on_one_process_result_from_another_equals_v1(pair):
     task = wait_status(b, accepted["task_id"], {"succeeded", "failed"})
     assert task["status"] == "succeeded", task
     assert task["user"] == USER and task["type"] == "txt2img" and task["progress"] == 1
+    assert task["step"] == task["steps"] == SMALL["steps"]
     assert task["gpu_seconds"] > 0 and task["cost"] == pytest.approx(task["gpu_seconds"] * 84.8 * 0.00002,
                                                                      rel=1e-3)
     assert task["created_at"] <= task["started_at"] <= task["finished_at"]

@@ -126,7 +126,8 @@ class TaskRunner:
         key = result_key(task_id)
         self.outputs.put(key, json.dumps({"status": status, "body": body}).encode("utf-8"))
         if not self.store.finish(task_id, self.instance, outcome, result_key=key, error=error,
-                                 gpu_seconds=seconds, cost=self.pricing.cost(seconds), step=control.last_step):
+                                 gpu_seconds=seconds, cost=self.pricing.cost(seconds), step=control.last_step,
+                                 steps=control.sampling_steps or None):
             log.warning("task %s was taken from this instance (lease expired) before it finished", task_id)
         return outcome
 

@@ -175,17 +175,17 @@ class TaskStore:
 
     def finish(self, task_id: str, instance: str, status: str, result_key: str | None = None,
                error: str | None = None, gpu_seconds: float | None = None, cost: float | None = None,
-               step: int | None = None, now: float | None = None) -> bool:
+               step: int | None = None, steps: int | None = None, now: float | None = None) -> bool:
         """The final state, from the instance that ran it (`step`: the last one sampled, when known)."""
         assert status in schema.FINISHED
         now = time.time() if now is None else now
         p = self.p
         return self._run(f"UPDATE `{TABLE}` SET `status` = {p}, `result_key` = {p}, `error` = {p}, "
                          f"`gpu_seconds` = {p}, `cost` = {p}, `finished_at` = {p}, `lease_until` = NULL, "
-                         f"`step` = COALESCE({p}, `step`), "
+                         f"`step` = COALESCE({p}, `step`), `steps` = COALESCE({p}, `steps`), "
                          f"`progress` = CASE WHEN {p} = 'succeeded' THEN 1 ELSE `progress` END "
                          f"WHERE `id` = {p} AND `status` = 'running' AND `instance` = {p}",
-                         (status, result_key, error, gpu_seconds, cost, now, step, status, task_id,
+                         (status, result_key, error, gpu_seconds, cost, now, step, steps, status, task_id,
                           instance)) == 1
 
     def release(self, task_id: str, instance: str) -> bool:
