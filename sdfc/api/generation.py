@@ -94,39 +94,33 @@ def size_step(model_dir: str) -> int:
     return max(8, vae * unet)
 
 
-def _sampler_kind(name: str | None) -> str | None:
-    labels = [s.label for s in engine_schedules.SCHEDULES]
-    try:
-        return engine_samplers.find_sampler(engine_samplers.split_combined_name(name or "", labels)[0]).kind
-    except ValueError:
-        return None  # an unknown sampler: the engine names the valid ones
-
-
 def _check_request(state: ApiState, req: GenerationRequest, options: dict) -> None:
     """What the engine would fail on, refused before the job takes the queue (400, A1111's shape)."""
+    try:
+        # The engine's own checks (sizes a multiple of 8, where A1111 floors silently; sampler and schedule
+        # names), so that a v1 request and a task submit are refused before they queue.
+        sampler, _ = validate_engine_request(req)
+    except InvalidRequestError as exc:
+        raise ApiError(400, str(exc), error="ValueError") from None
     info = _model_info(state, req)
     step = size_step(str(info.path))
     for name in ("width", "height"):
         value = getattr(req, name)
-        if value % 8:
-            # A1111 floors the size to a multiple of 8 silently (its latent is size // 8); sdfc says so.
-            raise ApiError(400, f"{name} must be a multiple of 8, got {value}", error="ValueError")
         if value % step:
             raise ApiError(400, f"{name} must be a multiple of {step} for model {info.name!r}, got {value} "
                                 f"(try {max(step, value // step * step)})", error="ValueError")
     if req.init_images is not None and req.resize_mode != 0:
         raise ApiError(400, f"resize_mode {req.resize_mode} is not supported yet; use 0 (Just resize)",
                        error="NotImplementedError")
-    if req.init_images is not None and _sampler_kind(req.sampler_name) == "timesteps" \
+    if req.init_images is not None and sampler.kind == "timesteps" \
             and engine_samplers.img2img_steps(req.steps, req.denoising_strength) < 1:
         # k-diffusion samplers still run one step here (as A1111); DDIM/PLMS/UniPC would run none.
         raise ApiError(400, f"img2img with {req.sampler_name} runs int(min(denoising_strength, 0.999) × steps) = 0 "
                             f"steps (denoising_strength {req.denoising_strength}, steps {req.steps}): raise either",
                        error="ValueError")
-    skips = dict(info.clip_skip_outputs)
-    if req.clip_skip not in skips:
-        raise ApiError(400, f"CLIP skip {req.clip_skip} is not available for model {info.name!r} "
-                            f"(available: {', '.join(map(str, sorted(skips)))})", error="ValueError")
+    problem = info.clip_skip_problem(req.clip_skip)
+    if problem:
+        raise ApiError(400, problem, error="ValueError")
     for name in ("prompt", "negative_prompt"):
         try:
             check_prompt(getattr(req, name), req.steps)
@@ -311,11 +305,7 @@ def apply_infotext(values: dict, explicit: set[str]) -> dict:
 
 def validate_generation(state: ApiState, values: dict, mode: str) -> None:
     """Every check a generation gets before it runs, without running it (a task is validated at submit)."""
-    req = build_request(state, values, mode, state.options.with_overrides(values.get("override_settings")))
-    try:
-        validate_engine_request(req)  # sampler, schedule: what the engine would refuse once queued
-    except InvalidRequestError as exc:
-        raise ApiError(400, str(exc), error="ValueError") from None
+    build_request(state, values, mode, state.options.with_overrides(values.get("override_settings")))
 
 
 def run_generation(state: ApiState, values: dict, mode: str, request_id: str | None = None,

@@ -306,11 +306,9 @@ def _check_clip_skip(st: ApiState, model, merged: dict) -> None:
     """A stored clip skip the model lacks would fail every later job (per-job overrides fail only theirs)."""
     value = merged.get("CLIP_stop_at_last_layers")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == int(value):
-        available = sorted(dict(model.clip_skip_outputs))
-        if int(value) not in available:
-            raise ApiError(400, f"option CLIP_stop_at_last_layers: clip skip {int(value)} is not available for "
-                                f"model {model.name!r} (available: {', '.join(map(str, available))})",
-                           error="ValueError")
+        problem = model.clip_skip_problem(int(value))
+        if problem:
+            raise ApiError(400, f"option CLIP_stop_at_last_layers: {problem}", error="ValueError")
 
 
 @bp.get("/cmd-flags")

@@ -48,6 +48,14 @@ class ModelInfo:
     prediction_type: str
     clip_skip_outputs: tuple[tuple[int, str], ...] = ((1, "last_hidden_state"),)
 
+    def clip_skip_problem(self, clip_skip: int) -> str | None:
+        """Why this model cannot encode prompts at `clip_skip`, or None when it can."""
+        outputs = dict(self.clip_skip_outputs)
+        if clip_skip in outputs:
+            return None
+        return (f"CLIP skip {clip_skip} is not available for model {self.name!r} (available: "
+                f"{', '.join(map(str, sorted(outputs)))}; export with --clip-skip to add more)")
+
     @property
     def memory(self) -> MemoryProfile:
         """What a generation with this model costs in memory (read from its config files)."""
@@ -173,12 +181,11 @@ class OnnxModel:
 
     def encode_tokens(self, input_ids: np.ndarray, clip_skip: int = 1) -> np.ndarray:
         """Hidden states; with CLIP skip N > 1, layer −N's output through the final layer norm (A1111)."""
-        outputs = dict(self.info.clip_skip_outputs)
-        if clip_skip not in outputs:
-            raise InvalidRequestError(
-                f"CLIP skip {clip_skip} is not available for model {self.info.name!r} (available: "
-                f"{', '.join(map(str, sorted(outputs)))}; export with --clip-skip to add more)")
-        return self._run("text_encoder", {"input_ids": input_ids.astype(np.int64)}, outputs[clip_skip])
+        problem = self.info.clip_skip_problem(clip_skip)
+        if problem:
+            raise InvalidRequestError(problem)
+        output = dict(self.info.clip_skip_outputs)[clip_skip]
+        return self._run("text_encoder", {"input_ids": input_ids.astype(np.int64)}, output)
 
     def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
         """ε prediction. Fractional timesteps matter (k-diffusion): int64 graphs get them rounded."""
