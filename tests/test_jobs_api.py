@@ -293,3 +293,18 @@ def test_v1_generation_with_force_task_id_is_followed_from_another_process(pair)
     again = requests.post(f"{a.url}/sdapi/v1/txt2img", json={**SMALL, "force_task_id": forced}, auth=ALICE,
                           timeout=60)
     assert again.status_code == 409
+
+
+def test_a_taken_task_id_cannot_touch_that_task(pair):
+    """Another user's submit naming a queued task's id is a 409 and leaves that task's request as it was."""
+    a, b = pair
+    blocker = submit_and_hang_up(a, "/sdapi/v2/tasks/txt2img", {**LONG, "steps": 20})["task_id"]
+    forced = "task(sdfc-taken)"
+    submit_and_hang_up(a, "/sdapi/v2/tasks/txt2img", {**SMALL, "prompt": "mine", "force_task_id": forced})
+    stolen = requests.post(f"{b.url}/sdapi/v2/tasks/txt2img",
+                           json={**SMALL, "prompt": "not yours", "force_task_id": forced}, auth=BOB, timeout=30)
+    assert stolen.status_code == 409
+    assert wait_status(b, forced, {"succeeded", "failed"})["status"] == "succeeded"
+    result = requests.get(f"{b.url}/sdapi/v2/tasks/{forced}/result", auth=ALICE, timeout=10).json()
+    assert result["parameters"]["prompt"] == "mine"
+    wait_status(b, blocker, {"succeeded"})

@@ -20,7 +20,7 @@ from ..records.outputs import OutputsStore
 from ..records.store import RecordStore
 from ..pricing import Pricing
 from .fc_async import FcHandOff
-from .runner import TaskRunner, payload_key, result_key
+from .runner import TaskRunner, new_payload_key, result_key
 from .store import TaskStore
 from .worker import LocalWorker
 
@@ -54,17 +54,28 @@ class JobsRoom:
 
         validate_generation(self.runner.api, values, mode)
         task_id = values["force_task_id"]
-        self.outputs.put(payload_key(task_id), json.dumps(values).encode("utf-8"))
-        try:
-            task, created = self.runner.store.create(task_id, mode, user, payload_key(task_id))
-        except RecordRejected:
-            raise ApiError(409, f"task id {task_id!r} is already taken", error="Conflict") from None
+        self.create_task(task_id, mode, user, values)
         if not self.runner.store.claim(task_id, self.runner.instance, self.runner.lease_s):
             raise ApiError(409, f"task {task_id!r} was taken by another instance", error="Conflict")
         self.runner.run(self.runner.store.get(task_id))
         stored = json.loads(self.outputs.get(result_key(task_id)))
         return stored["status"], stored["body"]
 
+
+    def create_task(self, task_id: str, mode: str, user: str, values: dict,
+                    idempotency_key: str | None = None) -> tuple[dict, bool]:
+        """Store the request, then the queued row; (task, created). A task id already taken is a 409, and the
+        request stored for a submit that made no task is removed again."""
+        key = new_payload_key(task_id)
+        self.outputs.put(key, json.dumps(values).encode("utf-8"))
+        try:
+            task, created = self.store.create(task_id, mode, user, key, idempotency_key=idempotency_key)
+        except RecordRejected:
+            self.outputs.path(key).unlink(missing_ok=True)
+            raise ApiError(409, f"task id {task_id!r} is already taken", error="Conflict") from None
+        if not created:
+            self.outputs.path(key).unlink(missing_ok=True)
+        return task, created
 
     def run_handed_off(self, task_id: str) -> tuple[int, dict]:
         """An FC async invocation of this task (`POST /invoke`): run it here unless it is no longer queued.

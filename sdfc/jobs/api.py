@@ -16,9 +16,8 @@ from flask import Blueprint, current_app, request
 
 from ..api import auth
 from ..api.errors import ApiError, a1111_error, json_response
-from ..records.events import RecordRejected
 from ..records.store import StoreUnavailable
-from .runner import payload_key, preview_step
+from .runner import preview_step
 from .schema import STATUSES
 
 log = logging.getLogger("sdfc.jobs")
@@ -85,11 +84,7 @@ def submit(mode: str, values: dict) -> tuple[dict, bool]:
         existing = r.store.find_idempotent(user, key)
         if existing:
             return existing, False
-    r.outputs.put(payload_key(task_id), json.dumps(values).encode("utf-8"))
-    try:
-        task, created = r.store.create(task_id, mode, user, payload_key(task_id), idempotency_key=key)
-    except RecordRejected:
-        raise ApiError(409, f"task id {task_id!r} is already taken", error="Conflict") from None
+    task, created = r.create_task(task_id, mode, user, values, idempotency_key=key)
     if created:
         try:
             r.hand_off(task)
@@ -223,8 +218,6 @@ def internal_progress():
 
 @bp.get("/internal/pending-tasks")
 def internal_pending_tasks():
-    rows = room().store.list(None, "queued", 1, 1000).rows
     user = caller()
-    ids = [t["id"] for t in sorted(rows, key=lambda t: (t["created_at"], t["id"]))
-           if is_admin(user) or t["user"] == user]
+    ids = room().store.pending_ids(None if is_admin(user) else user)
     return json_response({"size": len(ids), "tasks": ids})

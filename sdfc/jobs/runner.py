@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 
 from ..api.errors import ApiError
 from ..api.preview import preview_png
@@ -30,8 +31,9 @@ def task_folder(task_id: str) -> str:
     return "tasks/" + hashlib.sha256(task_id.encode("utf-8")).hexdigest()[:40]
 
 
-def payload_key(task_id: str) -> str:
-    return task_folder(task_id) + "/request.json"
+def new_payload_key(task_id: str) -> str:
+    """A fresh key per submission: a submit that loses to an existing task id cannot touch that task's request."""
+    return f"{task_folder(task_id)}/request-{uuid.uuid4().hex[:16]}.json"
 
 
 def preview_key(task_id: str, step: int) -> str:

@@ -87,18 +87,14 @@ class TaskStore:
         task, False). The same id twice (a client's force_task_id reused) is a RecordRejected."""
         now = time.time() if now is None else now
         p = self.p
-        if idempotency_key:
-            existing = self.find_idempotent(user, idempotency_key)
-            if existing:
-                return existing, False
-        try:
+        try:  # the unique (user, idempotency_key) index decides: no read-then-write race
             self._run(f"INSERT INTO `{TABLE}` (`id`, `type`, `user`, `status`, `idempotency_key`, `payload_key`, "
                       f"`step`, `steps`, `progress`, `created_at`, `attempts`, `cancel_requested`) "
                       f"VALUES ({p}, {p}, {p}, 'queued', {p}, {p}, 0, 0, 0, {p}, 0, 0)",
                       (task_id, task_type, user, idempotency_key, payload_key, now))
         except (RecordRejected, sqlite3.IntegrityError) as exc:
             existing = self.find_idempotent(user, idempotency_key) if idempotency_key else None
-            if existing:  # a concurrent retry of the same submit won the insert
+            if existing:  # an earlier (or concurrent) submit with the same key made the task
                 return existing, False
             raise RecordRejected(f"task id {task_id!r} is taken") from exc
         return self.get(task_id), True
@@ -127,9 +123,11 @@ class TaskStore:
                            f"LIMIT {self.p} OFFSET {self.p}", tuple(params) + (page_size, (page - 1) * page_size))
         return TaskPage(rows, int(total))
 
-    def pending_ids(self) -> list[str]:
-        rows = self._fetch(f"SELECT `id` FROM `{TABLE}` WHERE `status` IN ('queued', 'running') "
-                           "ORDER BY `created_at`, `id`")
+    def pending_ids(self, user: str | None = None, limit: int = 1000) -> list[str]:
+        """Queued tasks, oldest first (A1111's pending tasks: not the running one); `user` None: everyone's."""
+        where, params = ("", ()) if user is None else (f" AND `user` = {self.p}", (user,))
+        rows = self._fetch(f"SELECT `id` FROM `{TABLE}` WHERE `status` = 'queued'{where} "
+                           f"ORDER BY `created_at`, `id` LIMIT {self.p}", params + (limit,))
         return [r["id"] for r in rows]
 
     def queue_position(self, task: dict) -> int:
