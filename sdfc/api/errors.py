@@ -41,6 +41,11 @@ def json_safe(value):
     return value
 
 
+def error_body(error: str, detail: str = "", errors: str = "") -> dict:
+    """A1111's error body, for answers stored before they are sent (a task's result)."""
+    return {"error": error, "detail": detail, "body": "", "errors": errors}
+
+
 def a1111_error(status: int, error: str, detail: str = "", errors: str = "",
                 headers: dict | None = None) -> Response:
-    return json_response({"error": error, "detail": detail, "body": "", "errors": errors}, status, headers)
+    return json_response(error_body(error, detail, errors), status, headers)

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 
-from ..api.errors import ApiError
+from ..api.errors import ApiError, error_body
 from ..api.preview import preview_png
 from ..api.queue import QueueClosed
 from ..engine import JobControl
@@ -106,18 +106,17 @@ class TaskRunner:
             if control.interrupted and not control.cancel_seen and self.api.draining:
                 error = "interrupted: the instance running this task shut down before it finished"
                 status, outcome = 503, "failed"
-                body = {"error": "ServiceUnavailable", "detail": error, "body": "", "errors": ""}
+                body = error_body("ServiceUnavailable", error)
         except QueueClosed:
             # Shutting down before it started: another instance (or this one, restarted) takes it.
             self.store.release(task_id, self.instance)
             return "queued"
         except ApiError as exc:
-            body = {"error": exc.error, "detail": exc.detail, "body": "", "errors": exc.errors}
+            body = error_body(exc.error, exc.detail, exc.errors)
             status, outcome, error = exc.status, "failed", exc.detail
         except Exception:  # noqa: BLE001 - a task must end in a final state, whatever went wrong
             log.exception("task %s failed", task_id)
-            body = {"error": "InternalError", "detail": f"internal error while running task {task_id}",
-                    "body": "", "errors": ""}
+            body = error_body("InternalError", f"internal error while running task {task_id}")
             status, outcome, error = 500, "failed", body["detail"]
         finally:
             stop.set()
