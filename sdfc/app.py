@@ -1,10 +1,12 @@
-"""Application factory: compose the blueprints into one Flask app.
+"""Application factory: compose the parts (blueprints and the rooms behind them) into one Flask app.
 
 Locally `sdfc serve` mounts every part in one process; each FC function is another composition of the same
-blueprints (see functions/).
+parts (sdfc/fc/compose.py). A part that is not mounted has no routes (404) and builds nothing: a composition
+without the gallery or the task parts opens no records store, one without the A1111 API starts no dispatcher.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -26,6 +28,7 @@ from .fc import gateway
 from .jobs import build_jobs
 from .jobs.api import EXTENSION as JOBS_EXTENSION
 from .jobs.api import bp as tasks_bp
+from .jobs.api import status_bp as task_status_bp
 from .records import OutputsStore, RecordWriter, open_store
 from .records.gallery import make_gallery_blueprint
 from .web import bp as web_bp
@@ -33,55 +36,84 @@ from .web import bp as web_bp
 log = logging.getLogger("sdfc.access")
 OPEN_PATHS = ("/docs", "/openapi.json", "/static/swagger/")
 
+# The parts a composition may mount. "tasks" submits, cancels and runs tasks; "task-status" answers what the
+# store knows about them (status, result, list, A1111's /internal/progress), wherever they run.
+PARTS = frozenset({"sdapi", "tasks", "task-status", "gallery", "web", "docs"})
+ALL_PARTS = PARTS
+RECORDS_PIPELINE = "sdfc.records"      # the dispatcher that carries image records to the records room
+RECORDS_STORE = "sdfc.records_store"   # the records database (generated_images, generation_tasks)
+
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None,
-               on_images: Callable[[list[dict]], None] | None = None) -> Flask:
+               on_images: Callable[[list[dict]], None] | None = None,
+               parts: frozenset[str] | set[str] = ALL_PARTS) -> Flask:
     settings = settings or Settings.from_env()
+    parts = frozenset(parts)
+    if parts - PARTS or not parts:
+        raise ValueError(f"unknown parts {sorted(parts - PARTS)}; valid: {sorted(PARTS)}" if parts - PARTS
+                         else "a composition needs at least one part")
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    pipeline = None
+    app.extensions["sdfc.parts"] = parts
     app.extensions["sdfc.background"] = []  # started by the server once it listens (sdfc/server.py)
-    if on_images is None and settings.dispatch != "off":
-        pipeline, on_images = _records(app, settings)
-        app.extensions["sdfc.background"].append(pipeline.start)
+    store = open_store(settings.database_url) if parts & {"gallery", "tasks", "task-status"} else None
+    pipeline = None
+    if "sdapi" in parts and on_images is None and settings.dispatch != "off":
+        pipeline = _records_pipeline(app, settings, store)
+        on_images = pipeline.sink
     state = ApiState(settings, engine=engine, on_images=on_images)
     app.extensions["sdfc"] = state
-    app.register_blueprint(sdapi_bp)
-    app.register_blueprint(docs_bp)
-    app.register_blueprint(web_bp)  # the pages at / and /images, with the API they call
-    if "sdfc.records_store" in app.extensions:
-        _jobs(app, settings, state)
+    if store is not None:
+        app.extensions[RECORDS_STORE] = store
+    if "sdapi" in parts:
+        app.register_blueprint(sdapi_bp)
+    if "docs" in parts:
+        app.register_blueprint(docs_bp)
+    if "web" in parts:
+        app.register_blueprint(web_bp)  # the pages at / and /images; their API calls go to the other parts
+    if "gallery" in parts:
+        app.register_blueprint(make_gallery_blueprint(store, admins=settings.admins,
+                                                      auth_enabled=bool(settings.auth),
+                                                      currency=settings.pricing.currency))
+    if parts & {"tasks", "task-status"}:
+        _jobs(app, settings, state, store, runs_tasks="tasks" in parts)
     _install_request_hooks(app, settings, pipeline)
     _install_error_handlers(app)
     return app
 
 
-def _records(app: Flask, settings: Settings) -> tuple[RecordPipeline, Callable[[list[dict]], None]]:
-    """The records room: store + outputs + writer, the dispatcher that feeds it, and the gallery API.
+def _records_pipeline(app: Flask, settings: Settings, store) -> RecordPipeline:
+    """The records room's intake: image files to the outputs store, record events through the dispatcher to the
+    writer (in this process with dispatch `local`, else the records function).
 
     Nothing connects here (the app may be built before the serving process starts its threads): the store
     connects on first use and the dispatcher's worker starts in the process that serves requests.
     """
-    store = open_store(settings.database_url)
     outputs = OutputsStore(settings.outputs_dir)
-    writer = RecordWriter(store, outputs)
-    pipeline = build_pipeline(settings, outputs, local_handler=writer.handle)
-    app.extensions["sdfc.records"] = pipeline
-    app.extensions["sdfc.records_store"] = store
-    app.register_blueprint(make_gallery_blueprint(store, admins=settings.admins, auth_enabled=bool(settings.auth),
-                                                  currency=settings.pricing.currency))
-    return pipeline, pipeline.sink
+    writer = None
+    if settings.dispatch == "local":
+        writer = RecordWriter(store or open_store(settings.database_url), outputs)
+    pipeline = build_pipeline(settings, outputs, local_handler=writer.handle if writer else None)
+    app.extensions[RECORDS_PIPELINE] = pipeline
+    app.extensions["sdfc.background"].append(pipeline.start)
+    return pipeline
 
 
-def _jobs(app: Flask, settings: Settings, state: ApiState) -> None:
-    """The jobs room: tasks in the records database (generation_tasks), the task API, the local worker."""
-    pipeline = app.extensions.get("sdfc.records")
-    room = build_jobs(settings, app.extensions["sdfc.records_store"], OutputsStore(settings.outputs_dir), state,
+def _jobs(app: Flask, settings: Settings, state: ApiState, store, runs_tasks: bool) -> None:
+    """The jobs room: tasks in the records database (generation_tasks); with "tasks" also submits, cancels and
+    the worker (SDFC_TASK_WORKER), with "task-status" the read side."""
+    if not runs_tasks:
+        settings = dataclasses.replace(settings, task_worker="off")
+    pipeline = app.extensions.get(RECORDS_PIPELINE)
+    room = build_jobs(settings, store, OutputsStore(settings.outputs_dir), state,
                       credentials=pipeline.credentials if pipeline is not None else None)
     app.extensions[JOBS_EXTENSION] = room
-    app.register_blueprint(tasks_bp)
-    app.extensions["sdfc.background"].append(room.start)
+    if runs_tasks:
+        app.register_blueprint(tasks_bp)
+        app.extensions["sdfc.background"].append(room.start)
+    if "task-status" in app.extensions["sdfc.parts"]:
+        app.register_blueprint(task_status_bp)
 
 
 def _is_open(path: str, settings: Settings) -> bool:

@@ -35,11 +35,11 @@ from waitress.utilities import RequestEntityTooLarge
 
 from .api.errors import a1111_error
 from .api.state import ANSWERS_SENT, DEFAULT_DRAIN_S, DRAIN_ENV
+from .app import RECORDS_PIPELINE
 from .config import ConfigError
 
 log = logging.getLogger("sdfc.server")
 API_STATE = "sdfc"              # app.extensions keys set by sdfc.app.create_app
-RECORDS_PIPELINE = "sdfc.records"
 BACKGROUND = "sdfc.background"  # callables to run once the server listens
 # Bodies up to this much over the app's limit are still read, so that the app answers 413 on a connection that
 # stays usable; beyond it the I/O loop stops reading (it would otherwise buffer whatever a client sends).

@@ -92,11 +92,19 @@ def test_outside_fc_lifecycle_routes_need_credentials(tmp_path):
     app.extensions["sdfc.records"].close(5)
 
 
-def test_sd_api_leaves_the_gallery_to_the_web_function(sdapi):
+def routes(app) -> set[str]:
+    return {rule.rule for rule in app.url_map.iter_rules()}
+
+
+def test_sd_api_mounts_only_the_api_tasks_docs_and_hooks(sdapi):
     client = sdapi.test_client()
-    r = client.get("/gallery/api/images", headers=AUTH)
-    assert r.status_code == 404 and "web" in r.json["detail"]
+    for path in ("/gallery/api/images", "/", "/images", "/static/web/web.css"):
+        assert client.get(path, headers=AUTH).status_code == 404, path
+    assert not any(r.startswith(("/gallery", "/static/web")) for r in routes(sdapi))
     assert client.get("/docs").status_code == 200 and client.get("/sdapi/v1/samplers", headers=AUTH).status_code == 200
+    assert {"/sdapi/v2/tasks/txt2img", "/internal/progress", "/pre-stop"} <= routes(sdapi)
+    documented = set(client.get("/openapi.json").json["paths"])
+    assert "/sdapi/v1/txt2img" in documented and not any(p.startswith("/gallery") for p in documented)
 
 
 def test_initialize_fails_when_cuda_is_required_but_absent(tmp_path):
@@ -145,14 +153,33 @@ def test_pre_stop_reports_a_drain_that_ran_out_of_time(tmp_path):
 
 # --- the web function ----------------------------------------------------------------------------------------
 
-def test_the_web_function_never_generates(tmp_path):
+def test_the_web_function_never_generates_nor_dispatches(tmp_path):
     app = create_web_app(settings(tmp_path))
     client = app.test_client()
-    r = client.post("/sdapi/v1/txt2img", json={"steps": 1}, headers=AUTH)
-    assert r.status_code == 404 and "sd-api" in r.json["detail"]
-    assert client.get("/docs").status_code == 200
-    assert not app.extensions["sdfc"].engine_ready
-    assert "/initialize" not in {rule.rule for rule in app.url_map.iter_rules()}
+    for method, path in (("POST", "/sdapi/v1/txt2img"), ("POST", "/sdapi/v2/tasks/txt2img"),
+                         ("DELETE", "/sdapi/v2/tasks/x"), ("GET", "/sdapi/v1/samplers")):
+        assert client.open(path, method=method, json={"steps": 1}, headers=AUTH).status_code in (404, 405), path
+    assert not any(r.startswith("/sdapi/v1") for r in routes(app)) and "/initialize" not in routes(app)
+    assert client.get("/docs").status_code == 200 and client.get("/", headers=AUTH).status_code == 200
+    assert client.get("/gallery/api/images", headers=AUTH).status_code == 200
+    r = client.post("/internal/progress", json={"id_task": "nope"}, headers=AUTH)
+    assert r.status_code == 200 and r.json["completed"] is False
+    assert "sdfc.records" not in app.extensions  # no dispatcher: nothing here makes images
+    assert app.extensions["sdfc.jobs"].worker is None and not app.extensions["sdfc"].engine_ready
+
+
+def test_a_composition_builds_only_the_rooms_its_parts_need(tmp_path):
+    from sdfc.app import create_app
+
+    api_only = create_app(settings(tmp_path, SDFC_DATABASE_URL="mysql://nobody@203.0.113.1:1/x"),
+                          parts={"sdapi", "docs"})
+    assert "sdfc.records_store" not in api_only.extensions and "sdfc.jobs" not in api_only.extensions
+    assert not any(r.startswith(("/sdapi/v2", "/internal", "/gallery")) for r in routes(api_only))
+    api_only.extensions["sdfc.records"].close(5)
+    pages = create_app(settings(tmp_path), parts={"web"})
+    assert routes(pages) >= {"/", "/images"} and "sdfc.records_store" not in pages.extensions
+    with pytest.raises(ValueError, match="unknown parts"):
+        create_app(settings(tmp_path), parts={"sdapi", "admin"})
 
 
 def test_binary_responses_travel_base64_in_the_event_response(tmp_path):

@@ -55,8 +55,11 @@ def fc_endpoint(settings: Settings) -> str:
                       "(FC sets both in a function)")
 
 
-def build_transport(settings: Settings, credentials: CredentialSource, local_handler: Callable[[bytes], object]):
+def build_transport(settings: Settings, credentials: CredentialSource,
+                    local_handler: Callable[[bytes], object] | None = None):
     if settings.dispatch == "local":
+        if local_handler is None:
+            raise ConfigError("SDFC_DISPATCH=local needs this process's records writer")
         return LocalTransport(local_handler)
     if settings.dispatch == "fc3":
         return Fc3Transport(settings.records_function, fc_endpoint(settings), credentials,
@@ -69,7 +72,7 @@ def build_transport(settings: Settings, credentials: CredentialSource, local_han
 
 
 def build_pipeline(settings: Settings, outputs: OutputsStore,
-                   local_handler: Callable[[bytes], object]) -> RecordPipeline:
+                   local_handler: Callable[[bytes], object] | None = None) -> RecordPipeline:
     credentials = CredentialSource()
     dispatcher = Dispatcher(Spool(settings.spool_dir), build_transport(settings, credentials, local_handler),
                             outputs, queue_size=settings.dispatch_queue_size,

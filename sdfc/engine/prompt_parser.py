@@ -96,7 +96,7 @@ def _append_text_with_breaks(res: list[list], text: str) -> None:
 
 
 def split_on_break(text: str) -> list[str]:
-    """``re.split(r"\s*\bBREAK\b\s*", text)`` (A1111's), in linear time.
+    r"""``re.split(r"\s*\bBREAK\b\s*", text)`` (A1111's), in linear time.
 
     The regex rescans each whitespace run from every position in it: a prompt of 20 000 spaces took
     seconds. Here each ``BREAK`` word takes the whitespace run just before it (back to the previous
@@ -148,7 +148,7 @@ def split_and_subprompts(prompt: str) -> list[tuple[str, float]]:
 
 
 def _split_subprompt_weight(part: str) -> tuple[str, str | None]:
-    """A1111's ``^((?:\s|.)*?)(?:\s*:\s*(NUMBER))?\s*$`` on one AND part, in linear time.
+    r"""A1111's ``^((?:\s|.)*?)(?:\s*:\s*(NUMBER))?\s*$`` on one AND part, in linear time.
 
     The lazy regex retried the trailing ``\s*$`` from every position (quadratic in a run of spaces).
     Its match is the shortest prefix whose rest is ``\s*:\s*NUMBER\s*`` (the colon is then the last

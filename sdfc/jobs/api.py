@@ -21,7 +21,10 @@ from .runner import preview_step
 from .schema import STATUSES
 
 log = logging.getLogger("sdfc.jobs")
+# Two parts (sdfc/app.py): `bp` submits and cancels tasks (the composition that runs them); `status_bp` reads
+# the store (any composition sharing the database, e.g. the web function answering /internal/progress).
 bp = Blueprint("tasks", __name__)
+status_bp = Blueprint("task_status", __name__)
 EXTENSION = "sdfc.jobs"
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9()_.:-]{0,63}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -107,6 +110,7 @@ def _submit_route(mode: str):
 
 
 @bp.errorhandler(StoreUnavailable)
+@status_bp.errorhandler(StoreUnavailable)
 def _store_unavailable(exc: StoreUnavailable):
     # The cause (host, driver error) is for the log only, as in the gallery.
     log.warning("tasks: records database unavailable: %s", exc)
@@ -124,12 +128,12 @@ def submit_img2img():
     return _submit_route("img2img")
 
 
-@bp.get("/sdapi/v2/tasks/<task_id>")
+@status_bp.get("/sdapi/v2/tasks/<task_id>")
 def get_task(task_id: str):
     return json_response(task_view(_own_task(task_id)))
 
 
-@bp.get("/sdapi/v2/tasks/<task_id>/result")
+@status_bp.get("/sdapi/v2/tasks/<task_id>/result")
 def get_result(task_id: str):
     task = _own_task(task_id)
     if task["status"] in ("queued", "running"):
@@ -162,7 +166,7 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     return int(raw)
 
 
-@bp.get("/sdapi/v2/tasks")
+@status_bp.get("/sdapi/v2/tasks")
 def list_tasks():
     status = request.args.get("status") or None
     if status is not None and status not in STATUSES:
@@ -176,7 +180,7 @@ def list_tasks():
 
 
 # A1111 1.10's internal job routes (modules/progress.py), answered from the store.
-@bp.post("/internal/progress")
+@status_bp.post("/internal/progress")
 def internal_progress():
     from ..api.routes import body_json
 
@@ -216,7 +220,7 @@ def internal_progress():
                           "id_live_preview": preview_id if preview_id is not None else known, "textinfo": None})
 
 
-@bp.get("/internal/pending-tasks")
+@status_bp.get("/internal/pending-tasks")
 def internal_pending_tasks():
     user = caller()
     ids = room().store.pending_ids(None if is_admin(user) else user)
