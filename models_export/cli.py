@@ -1,6 +1,6 @@
 """`sdfc export ...`: build the tiny test model, export diffusers folders and single-file checkpoints to ONNX.
 
-    sdfc export tiny --out DIR [--size tiny|mid] [--seed 0] [--precision fp32|fp16]
+    sdfc export tiny --out DIR [--size tiny|mid] [--seed 0] [--architecture sd1|inpaint] [--precision fp32|fp16]
                      [--keep-diffusers DIR] [--tokenizer-from DIR]
     sdfc export diffusers SRC --out DIR [--name N] [--precision fp32|fp16]
     sdfc export checkpoint FILE --out DIR [--config auto|sd15|tiny|PATH] [--name N] [--precision ...]
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--size", choices=("tiny", "mid"), default="tiny",
                       help="tiny: tests (0.8 M UNet parameters); mid: benchmarks (> 50 M)")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--architecture", choices=("sd1", "inpaint"), default="sd1",
+                      help="sd1 (default), or inpaint: a 9-input-channel inpainting UNet (latent, mask, "
+                           "masked-image latent)")
     tiny.add_argument("--name", help="model name in the manifest (default: <size>-sd)")
     tiny.add_argument("--keep-diffusers", type=Path, metavar="DIR",
                       help="build the diffusers model here and keep it (default: a temp folder)")
@@ -116,14 +119,14 @@ def run_tiny(args: argparse.Namespace) -> int:
         check_tokenizer_folder(args.tokenizer_from)
     _check_keep_folder(args.keep_diffusers)
     # The source name is fixed (not the build folder's), so the manifest does not depend on where we built.
-    suffix = f"-seed{args.seed}" if args.seed else ""
+    suffix = (f"-seed{args.seed}" if args.seed else "") + ("-inpaint" if args.architecture == "inpaint" else "")
     source_name = f"{args.size}sd{suffix}"
     _quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="sdfc-tiny-") as tmp:
         build_dir = args.keep_diffusers or Path(tmp) / source_name
         with step(f"building the {args.size} diffusers model from seed {args.seed} in {build_dir}"):
             tiny.build(build_dir, size=args.size, seed=args.seed, cache_dir=args.clip_wheel_dir,
-                       tokenizer_from=args.tokenizer_from)
+                       tokenizer_from=args.tokenizer_from, architecture=args.architecture)
         export_diffusers(build_dir, args.out, name=args.name or f"{args.size}-sd{suffix}",
                          precision=args.precision, source_name=source_name, validate=args.validate,
                          clip_skip=args.clip_skip)

@@ -4,11 +4,15 @@ Output layout (one folder per model, several such folders make a models director
     sdfc.json                       manifest: name, architecture, prediction type, precision, source
                                     (kind, name, sha256, short_hash = A1111's "Model hash" for single
                                     files), exporter versions, and with --clip-skip `clip_skip_outputs`
-                                    ({"1": "last_hidden_state", "2": "clip_skip_2", ...})
+                                    ({"1": "last_hidden_state", "2": "clip_skip_2", ...}); for an
+                                    inpainting UNet `unet_in_channels` (9)
     tokenizer/tokenizer.json        fast tokenizer (loads in 75 ms instead of 180 ms from vocab + merges)
     text_encoder/model.onnx  unet/model.onnx  vae_decoder/model.onnx  vae_encoder/model.onnx (+ config.json)
                                     each graph with its weights beside it in model.onnx_data, page aligned
                                     so that onnxruntime memory-maps them (see external_data.py)
+    unet/weights_map.json  text_encoder/weights_map.json
+                                    each PyTorch weight's initializer (name, transposed or not), which
+                                    LoRAs are merged into (weight_map.py)
     scheduler/scheduler_config.json
 
 The export is written next to `out` and moved into place only when complete, so a models folder never
@@ -28,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from models_export.progress import step
+from models_export.weight_map import write_weight_maps
 
 log = logging.getLogger("sdfc.export")
 
@@ -123,12 +128,16 @@ def export_diffusers(src: Path, out: Path, *, name: str | None = None, precision
                    "short_hash": source_sha256[:10]},
         "exporter": _versions(),
     }
+    if unet_config.get("in_channels", 4) != 4:  # an inpainting UNet: the engine feeds it the mask channels
+        manifest["unet_in_channels"] = unet_config["in_channels"]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _export_onnx(src, staging, precision, validate)
         if clip_skip:
             manifest["clip_skip_outputs"] = _add_clip_skip(staging)
+        with step("mapping the weights to their initializers (for LoRAs)"):
+            write_weight_maps(src, staging)
         _move_weights_out_of_the_graphs(staging)
         _write_tokenizer_json(src, staging)
         _drop_local_paths(staging)

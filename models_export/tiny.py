@@ -113,13 +113,20 @@ def build_tokenizer(out: Path, cache_dir: Path | None = None, tokenizer_from: Pa
         fast.save_pretrained(str(out))
 
 
-def unet_config(size: str) -> dict:
+# UNet input channels per architecture: "inpaint" is SD's inpainting UNet (latent + mask + masked-image
+# latent), the layout A1111 feeds to models whose conditioning key is "hybrid".
+ARCHITECTURES = {"sd1": 4, "inpaint": 9}
+
+
+def unet_config(size: str, architecture: str = "sd1") -> dict:
     """UNet2DConditionModel keyword arguments for a model size."""
     cfg = _size(size)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}")
     n_blocks = len(cfg["unet_channels"])
     return dict(
         sample_size=cfg["sample_size"],
-        in_channels=4, out_channels=4,
+        in_channels=ARCHITECTURES[architecture], out_channels=4,
         block_out_channels=cfg["unet_channels"],
         layers_per_block=cfg["layers"],
         down_block_types=("CrossAttnDownBlock2D",) * (n_blocks - 1) + ("DownBlock2D",),
@@ -161,12 +168,12 @@ def _size(size: str) -> dict:
 
 
 def build(out: Path, size: str = "tiny", seed: int = 0, cache_dir: Path | None = None,
-          tokenizer_from: Path | None = None) -> Path:
+          tokenizer_from: Path | None = None, architecture: str = "sd1") -> Path:
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    unet_kwargs, vae_kwargs, text_kwargs = unet_config(size), vae_config(size), text_config(size)
+    unet_kwargs, vae_kwargs, text_kwargs = unet_config(size, architecture), vae_config(size), text_config(size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # The weights depend on this seed and on the order the three models are created in: keep both.

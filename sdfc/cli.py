@@ -1,4 +1,4 @@
-"""`sdfc` command line: serve, export, bench."""
+"""`sdfc` command line: serve, export, bench, train."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("export", help="export models to ONNX, build the tiny test model", add_help=False)
     sub.add_parser("bench", help="benchmark sdfc against diffusers and optimum", add_help=False)
-    if argv and argv[0] in ("export", "bench"):
+    sub.add_parser("train", help="train a LoRA on a folder of captioned images", add_help=False)
+    if argv and argv[0] in ("export", "bench", "train"):
         # These need the build-time stack (torch); import them only when asked.
+        if argv[0] == "train":
+            from .training.cli import main as train_main
+            return train_main(argv[1:])
         if argv[0] == "export":
             from models_export.cli import main as export_main
             return export_main(argv[1:])

@@ -90,6 +90,9 @@ def _pricing(env: dict) -> Pricing:
 class Settings:
     auth: dict[str, str] = field(default_factory=dict)
     models_dir: Path = TINY_MODELS_DIR
+    embeddings_dir: Path | None = None  # textual-inversion .safetensors files (A1111's embeddings/ folder)
+    lora_dir: Path | None = None        # LoRA .safetensors files (A1111's models/Lora folder)
+    training_dir: Path | None = None    # LoRA training: base models and image folders a request may name
     outputs_dir: Path = Path("data/outputs")
     database_url: str = "sqlite:///data/sdfc.db"
     dispatch: str = "local"          # local | fc3 | fc2 | off
@@ -144,6 +147,9 @@ class Settings:
         return cls(
             auth=parse_auth(env.get("SDFC_AUTH")),
             models_dir=Path(env.get("SDFC_MODELS_DIR") or TINY_MODELS_DIR),
+            embeddings_dir=Path(env.get("SDFC_EMBEDDINGS_DIR") or data_dir / "embeddings"),
+            lora_dir=Path(env.get("SDFC_LORA_DIR") or data_dir / "loras"),
+            training_dir=Path(env.get("SDFC_TRAINING_DIR") or data_dir / "training"),
             outputs_dir=Path(env.get("SDFC_OUTPUTS_DIR") or data_dir / "outputs"),
             database_url=env.get("SDFC_DATABASE_URL") or f"sqlite:///{data_dir / 'sdfc.db'}",
             dispatch=(env.get("SDFC_DISPATCH") or "local").strip().lower(),

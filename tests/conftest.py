@@ -19,6 +19,21 @@ MODELS_DIR = FIXTURES / "models"
 TINY_MODEL = MODELS_DIR / "tiny-sd"
 
 
+def two_model_folder(root: Path, second_hash: str) -> Path:
+    """A models folder with the tiny model twice, the second renamed `tiny-sd-b` with hash `second_hash`×64, so
+    that switching checkpoints is observable by name and hash."""
+    import shutil
+
+    shutil.copytree(TINY_MODEL, root / "tiny-sd")
+    other = root / "tiny-sd-b"
+    shutil.copytree(TINY_MODEL, other)
+    manifest = json.loads((other / "sdfc.json").read_text())
+    manifest["name"] = "tiny-sd-b"
+    manifest["source"].update(sha256=second_hash * 64, short_hash=second_hash * 10)
+    (other / "sdfc.json").write_text(json.dumps(manifest))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx() -> Path:
     return TINY_MODEL

@@ -7,8 +7,14 @@ schema-valid cases what JSON Schema cannot say:
   alone, so invalid cases stay invalid and must be refused;
 - img2img cases run at least one denoising step (int(min(denoising_strength, 0.999) × steps) ≥ 1, which
   timestep samplers need and the document states in words);
+- hires fix cases (enable_hr) get hr_scale 2 and no hr_resize_x/y, and a second pass of 2 steps: the final
+  size is then a multiple of the size step within the pixel limit, and a timestep sampler runs a step (the
+  cross-field rules the document states in words);
 - image fields hold base64 images: in schema-valid cases they get a real 16×16 PNG (invalid cases keep
-  what schemathesis made of them, which the server must refuse).
+  what schemathesis made of them, which the server must refuse); a non-empty `mask` gets a 16×16 mask PNG,
+  and with resize_mode 3 (latent upscale, where a mask needs init images of the job's size, as the document
+  says in words) inpaint_full_res on; a non-empty `latent_mask` gets a mask PNG of the job's size (the
+  masked-content fill needs that size, as the document says in words).
 Nothing else is changed and no check is skipped.
 """
 from __future__ import annotations
@@ -34,6 +40,36 @@ def _png() -> str:
 
 
 PNG = _png()
+
+
+def _mask_png() -> str:
+    buffer = io.BytesIO()
+    mask = Image.new("L", (16, 16))
+    mask.paste(255, (4, 4, 12, 12))
+    mask.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+MASK_PNG = _mask_png()
+
+
+def _with_mask(body: dict) -> None:
+    if body.get("mask") in (None, ""):
+        return
+    body["mask"] = MASK_PNG
+    if isinstance(body.get("resize_mode"), (int, float)) and not isinstance(body["resize_mode"], bool) \
+            and int(body["resize_mode"]) == 3:
+        body["inpaint_full_res"] = True
+
+
+def _with_latent_mask(body: dict) -> None:
+    if body.get("latent_mask") in (None, ""):
+        return
+    size = [int(body[k]) if isinstance(body.get(k), (int, float)) and not isinstance(body[k], bool) else 512
+            for k in ("width", "height")]
+    buffer = io.BytesIO()
+    Image.new("L", tuple(size), 255).save(buffer, format="PNG")
+    body["latent_mask"] = base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _valid(operation, name: str, value) -> bool:
@@ -62,6 +98,20 @@ def _with_img2img_steps(body: dict) -> None:
         body["steps"], body["denoising_strength"] = max(2, int(steps)), max(float(strength), 0.5)
 
 
+_OFF = (None, False, 0, "0", "off", "f", "false", "n", "no")
+
+
+def _with_hires_sizes(operation, body: dict) -> None:
+    if isinstance(body.get("enable_hr"), str) and body["enable_hr"].strip().lower() in _OFF:
+        return
+    for key, value in (("hr_scale", 2), ("hr_resize_x", 0), ("hr_resize_y", 0), ("hr_second_pass_steps", 2)):
+        if body.get(key) is None or _valid(operation, key, body[key]):
+            body[key] = value
+    for key in ("width", "height"):  # null is A1111's 512: twice that would be over the pixel limit
+        if body.get(key) is None:
+            body[key] = SMALL[key]
+
+
 @schemathesis.hook
 def before_call(context, case, kwargs):
     path = case.operation.path
@@ -80,6 +130,10 @@ def before_call(context, case, kwargs):
         if path in IMG2IMG:
             body["init_images"] = [PNG]
             _with_img2img_steps(body)
+            _with_mask(body)
+            _with_latent_mask(body)
+        if path in ("/sdapi/v1/txt2img", "/sdapi/v2/tasks/txt2img") and body.get("enable_hr") not in _OFF:
+            _with_hires_sizes(case.operation, body)
         if path in SINGLE_IMAGE:
             body["image"] = PNG
         if path == "/sdapi/v1/extra-batch-images" and body.get("imageList"):

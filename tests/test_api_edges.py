@@ -178,8 +178,9 @@ def test_png_info_of_an_image_without_metadata(server):
     ({"width": 65, "height": 64, "steps": 2}, "multiple of 8"),
     ({"width": 64, "height": 64, "steps": 2, "sampler_name": "Euler z"}, "valid samplers"),
     ({"width": 64, "height": 64, "steps": 2, "scheduler": "Wobbly"}, "valid schedulers"),
-    ({"width": 64, "height": 64, "steps": 2, "enable_hr": True}, "hires"),
-    ({"width": 64, "height": 64, "steps": 2, "script_name": "x/y/z plot"}, "Script 'x/y/z plot' not found"),
+    ({"width": 64, "height": 64, "steps": 2, "enable_hr": True, "hr_scale": 8}, "hires fix second pass"),
+    ({"width": 64, "height": 64, "steps": 2, "script_name": "img2img alternative test"},
+     "Script 'img2img alternative test' not found"),  # an A1111 script sdfc does not have
 ])
 def test_requests_over_a_limit_or_unsupported_are_4xx_naming_it(server, body, limit):
     r = post(server, "/sdapi/v1/txt2img", body)
@@ -220,7 +221,10 @@ def test_list_routes_answer_with_a1111_shapes(server, route, kind):
 
 def test_specific_shapes(server):
     get = lambda route: requests.get(server.url + route, auth=(USER, PASSWORD), timeout=10).json()  # noqa: E731
-    assert get("/sdapi/v1/scripts") == {"txt2img": [], "img2img": []}
+    assert get("/sdapi/v1/scripts") == {  # the built-in scripts sdfc runs (tests/test_scripts.py)
+        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot"],
+        "img2img": ["loopback", "outpainting mk2", "poor man's outpainting", "prompt matrix",
+                    "prompts from file or textbox", "sd upscale", "x/y/z plot"]}
     assert get("/sdapi/v1/embeddings") == {"loaded": {}, "skipped": {}}
     assert {u["name"] for u in get("/sdapi/v1/upscalers")} == {"None", "Lanczos", "Nearest"}
     memory = get("/sdapi/v1/memory")

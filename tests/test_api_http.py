@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import threading
 import time
 
@@ -16,7 +15,7 @@ from PIL import Image
 
 from sdfc.engine import Engine, GenerationRequest
 
-from .conftest import TINY_MODEL
+from .conftest import two_model_folder
 from .live_server import PASSWORD, SECOND_PASSWORD, SECOND_USER, USER, start_server
 
 SMALL = dict(width=64, height=64)
@@ -25,15 +24,7 @@ SMALL = dict(width=64, height=64)
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     """Two models, so that switching checkpoints is observable."""
-    root = tmp_path_factory.mktemp("models")
-    shutil.copytree(TINY_MODEL, root / "tiny-sd")
-    other = root / "tiny-sd-b"
-    shutil.copytree(TINY_MODEL, other)
-    manifest = json.loads((other / "sdfc.json").read_text())
-    manifest["name"] = "tiny-sd-b"
-    manifest["source"].update(sha256="b" * 64, short_hash="b" * 10)
-    (other / "sdfc.json").write_text(json.dumps(manifest))
-    return root
+    return two_model_folder(tmp_path_factory.mktemp("models"), "b")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +74,9 @@ def test_webuiapi_txt2img_returns_the_engines_image(api, local_engine):
 
 def test_webuiapi_img2img(api):
     init = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    result = api.img2img(images=[init], prompt="a watercolor", denoising_strength=0.5, seed=7, **SMALL)
+    # webuiapi sends image_cfg_scale=1.5 (A1111's default): accepted, as no model here reads it.
+    result = api.img2img(images=[init], prompt="a watercolor", denoising_strength=0.5, seed=7,
+                         **SMALL)
     assert result.image.size == (64, 64)
     assert "Denoising strength: 0.5" in result.info["infotexts"][0]
     assert result.parameters["init_images"] is None  # not echoed unless include_init_images

@@ -6,12 +6,14 @@ Every flow asserts that the page logged no console error and no request failed.
 """
 from __future__ import annotations
 
+import base64
 import io
 import re
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -243,6 +245,50 @@ def test_img2img_from_an_upload_and_from_a_result(servers, browser):
     result = page.locator("img[alt^='Generated image']").first
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=result.element_handle())
     assert result.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [64, 64]
+    w.close()
+
+
+
+def test_a_drawn_mask_inpaints_only_the_painted_part(servers, browser):
+    _, web = servers
+    w = Watched(browser)
+    page = w.page
+    w.open(web.url + "/")
+    original = Image.new("RGB", (64, 64), (30, 160, 220))
+    upload = io.BytesIO()
+    original.save(upload, format="PNG")
+    page.get_by_role("tab", name="Image to image").click()
+    page.get_by_label("Image", exact=True).set_input_files(
+        files=[{"name": "upload.png", "mimeType": "image/png", "buffer": upload.getvalue()}])
+    canvas = page.get_by_role("img", name="Mask")
+    canvas.wait_for()
+    box = canvas.bounding_box()
+    page.get_by_label("Brush size").fill("64")
+    page.get_by_label("Mask blur").fill("0")
+    # One stroke down the left quarter of the image.
+    page.mouse.move(box["x"] + box["width"] * 0.12, box["y"] + 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.12, box["y"] + box["height"] - 2, steps=8)
+    page.mouse.up()
+    sent = []
+    page.on("request", lambda r: r.url.endswith("/sdapi/v2/tasks/img2img") and sent.append(r.post_data_json))
+    page.get_by_label("Denoising strength").fill("1")
+    page.get_by_label("Prompt", exact=True).fill("inpaint from the page")
+    page.get_by_label("Sampling steps").fill("3")
+    page.get_by_label("Width").fill("64")
+    page.get_by_label("Height").fill("64")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.wait_for_function("() => document.getElementById('progress-text').textContent.startsWith('Done')")
+    mask_url = sent[0]["mask"]
+    assert mask_url.startswith("data:image/png;base64,") and sent[0]["mask_blur"] == 0
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(mask_url.split(",", 1)[1]))).convert("L"))
+    assert mask.shape == (64, 64) and mask[:, :8].min() > 127 and mask[:, 40:].max() < 128
+    result = page.locator("img[alt^='Generated image']").first
+    png = base64.b64decode(result.get_attribute("src").split(",", 1)[1])
+    out = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    untouched = np.abs(out[:, 40:] - np.asarray(original)[:, 40:]).max()
+    assert untouched <= 2, untouched  # the original is laid back outside the mask
+    assert np.abs(out[:, :8] - np.asarray(original)[:, :8]).mean() > 10  # the painted part was redrawn
     w.close()
 
 

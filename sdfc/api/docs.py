@@ -23,10 +23,14 @@ from ..jobs.schema import TYPES as TASK_TYPES
 from ..engine import schedules as engine_schedules
 from . import payloads
 from .errors import json_response
+from ..engine.hires import DEFAULT_DENOISING_STRENGTH, SAME_SAMPLER, SAME_SCHEDULER
+from ..engine.upscale import LATENT_UPSCALE_MODES
 from .extras import UPSCALERS
 from .generation import UNSUPPORTED_FLAGS
+from .img2img import IMAGE_CFG_SCALE_DEFAULT
 from .options import CHOICES, DEFAULTS, NUMBERS
 from .styles import load_styles
+from ..training.tasks import TRAIN_EMBEDDING, TRAIN_LORA
 
 bp = Blueprint("docs", __name__)
 
@@ -35,6 +39,8 @@ REQUEST_MODELS = {
     "/sdapi/v1/img2img": payloads.IMG2IMG,
     "/sdapi/v2/tasks/txt2img": payloads.TXT2IMG,
     "/sdapi/v2/tasks/img2img": payloads.IMG2IMG,
+    "/sdapi/v2/tasks/train-lora": TRAIN_LORA,
+    "/sdapi/v2/tasks/train-embedding": TRAIN_EMBEDDING,
     "/sdapi/v1/extra-single-image": payloads.EXTRAS_SINGLE,
     "/sdapi/v1/extra-batch-images": payloads.EXTRAS_BATCH,
     "/sdapi/v1/png-info": payloads.PNG_INFO,
@@ -122,8 +128,12 @@ COMPONENTS = {
         "status": {"type": "string", "enum": list(TASK_STATUSES)},
         "progress": {"type": "number", "minimum": 0}, "step": _I, "steps": _I, "eta": _nullable(_N),
         "created_at": _nullable(_S), "started_at": _nullable(_S), "finished_at": _nullable(_S),
-        "error": _nullable(_S), "user": _nullable(_S), "gpu_seconds": _nullable(_N), "cost": _nullable(_N)},
-        title="Task"),
+        "error": _nullable(_S), "user": _nullable(_S), "gpu_seconds": _nullable(_N), "cost": _nullable(_N),
+        "loss": _nullable(_N)}, title="Task"),
+    # sdfc/training/tasks.py's result: the LoRA (or embedding) written, its file in its folder; none when cancelled.
+    "TrainingResult": _obj({"lora": _nullable(_S), "embedding": _nullable(_S), "file": _nullable(_S),
+                            "steps_done": _I, "steps": _I, "final_loss": _nullable(_N), "cancelled": _B, "seed": _I,
+                            "metadata": {"type": "object", "additionalProperties": _S}}, title="TrainingResult"),
     "TaskPage": _obj({"tasks": _array(_ref("Task")), "total": _I, "page": _I, "page_size": _I}, title="TaskPage"),
     # A1111 1.10's ProgressRequest/ProgressResponse (modules/progress.py), answered from the task store.
     "ProgressRequest": {"title": "ProgressRequest", "type": "object", "required": ["id_task"],
@@ -137,8 +147,8 @@ COMPONENTS = {
     "PendingTasks": _obj({"size": _I, "tasks": _array(_S)}, title="PendingTasks"),
 }
 
-_LIST_ROUTES = ("latent-upscale-modes", "sd-vae", "hypernetworks", "face-restorers", "realesrgan-models",
-                "loras", "script-info", "extensions")
+_LIST_ROUTES = ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models",
+                "loras", "extensions")
 
 # 200 bodies per route; routes not listed answer a JSON value of any shape.
 SUCCESS = {
@@ -159,11 +169,16 @@ SUCCESS = {
                                           "default_rho": _N, "need_inner_model": _B})),
     "/sdapi/v1/upscalers": _array(_obj({"name": _S, "model_name": _nullable(_S), "model_path": _nullable(_S),
                                          "model_url": _nullable(_S), "scale": _N})),
+    "/sdapi/v1/latent-upscale-modes": _array(_obj({"name": {"type": "string", "enum": list(LATENT_UPSCALE_MODES)}})),
     "/sdapi/v1/sd-models": _array(_obj({"title": _S, "model_name": _S, "hash": _nullable(_S),
                                          "sha256": _nullable(_S), "filename": _S, "config": _nullable(_S)})),
     "/sdapi/v1/prompt-styles": _array(_obj({"name": _S, "prompt": _S, "negative_prompt": _S})),
     "/sdapi/v1/embeddings": _obj({"loaded": _OBJ, "skipped": _OBJ}),
     "/sdapi/v1/scripts": _obj({"txt2img": _array(_S), "img2img": _array(_S)}),
+    # A1111's ScriptInfo per built-in script (sdfc/scripts), an arg per UI component of its script_args.
+    "/sdapi/v1/script-info": _array(_obj({"name": _S, "is_alwayson": _B, "is_img2img": _B, "args": _array(_obj(
+        {"label": _S, "value": {}, "minimum": {}, "maximum": {}, "step": {},
+         "choices": {"nullable": True, "type": "array"}}))})),
     "/sdapi/v1/memory": _obj({"ram": _OBJ, "cuda": _OBJ}),
     "/sdapi/v1/refresh-checkpoints": _NULL,
     "/sdapi/v1/refresh-vae": _NULL,
@@ -179,15 +194,22 @@ SUCCESS = {
     "/sdapi/v2/tasks/txt2img": _ref("TaskSubmitted"),
     "/sdapi/v2/tasks/img2img": _ref("TaskSubmitted"),
     "/sdapi/v2/tasks/{task_id}": _ref("Task"),
-    "/sdapi/v2/tasks/{task_id}/result": _ref("GenerationResponse"),
+    "/sdapi/v2/tasks/train-lora": _ref("TaskSubmitted"),
+    "/sdapi/v2/tasks/train-embedding": _ref("TaskSubmitted"),
+    "/sdapi/v2/tasks/{task_id}/result": {"anyOf": [_ref("GenerationResponse"), _ref("TrainingResult")]},
     "/sdapi/v2/tasks": _ref("TaskPage"),
     "/internal/progress": _ref("InternalProgress"),
     "/internal/pending-tasks": _ref("PendingTasks"),
 }
 # Routes whose success is not 200.
-SUCCESS_STATUS = {"/sdapi/v2/tasks/txt2img": "202", "/sdapi/v2/tasks/img2img": "202"}
+SUCCESS_STATUS = {"/sdapi/v2/tasks/txt2img": "202", "/sdapi/v2/tasks/img2img": "202",
+                  "/sdapi/v2/tasks/train-lora": "202", "/sdapi/v2/tasks/train-embedding": "202"}
 _TASK_SUBMIT_ERRORS = {"400": "a value the server cannot use (as the v1 route), or a malformed Idempotency-Key",
                        "409": "force_task_id names a task that already exists"}
+_TRAINING_ERRORS = {"400": "a base folder that is no diffusers model, an images folder without images (or over "
+                           "the image limit), or a malformed Idempotency-Key",
+                    "404": "base or images names no folder inside the training-data folder",
+                    "409": "a file of that name exists (overwrite: false), or force_task_id is taken"}
 
 # Statuses beyond 200/401/413/422/503 per route (every route may answer 503 while the server drains).
 ERRORS = {
@@ -207,6 +229,8 @@ ERRORS = {
     "/gallery/api/images/{raw}/image.png": {"404": "no image with that id"},
     "/sdapi/v2/tasks/txt2img": _TASK_SUBMIT_ERRORS,
     "/sdapi/v2/tasks/img2img": {**_TASK_SUBMIT_ERRORS, "404": "no init image was sent"},
+    "/sdapi/v2/tasks/train-lora": _TRAINING_ERRORS,
+    "/sdapi/v2/tasks/train-embedding": _TRAINING_ERRORS,
     "/sdapi/v2/tasks/{task_id}": {"404": "no such task (or another user's)"},
     "/sdapi/v2/tasks/{task_id}/result": {
         "400": "the task failed on a value the server could not use (the v1 route's 400)",
@@ -261,10 +285,8 @@ def _responses(key: str, path: str, method: str, not_implemented: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 SIZE_FIELDS = ("width", "height")
-# hr_sampler_name/hr_scheduler are read only with enable_hr, which sdfc refuses: any value is ignored.
 SAMPLER_FIELDS = ("sampler_name", "sampler_index")
 SCHEDULER_FIELDS = ("scheduler",)
-HIRES_ONLY = ("hr_sampler_name", "hr_scheduler", "hr_upscaler", "hr_checkpoint_name")
 UPSCALER_FIELDS = ("upscaler_1", "upscaler_2")
 
 
@@ -314,6 +336,44 @@ def _only_empty(prop: dict, what: str) -> None:
     prop["description"] = f"{what} (must be empty or null)"
 
 
+def _false_values() -> dict:
+    """What the request parser reads as false (schema.py's coercions): false, 0, null or a false word."""
+    from .schema import _FALSE
+    words = "|".join("".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in w) for w in sorted(_FALSE))
+    return {"anyOf": [{"enum": [False, 0, None], "nullable": True},
+                      {"type": "string", "pattern": rf"^\s*({words})\s*$"}]}
+
+
+def _describe_hires(schema: dict) -> None:
+    """The hr_* fields are read only with enable_hr: their names are checked then (and ignored otherwise)."""
+    props = schema["properties"]
+    names = {
+        "hr_upscaler": [*LATENT_UPSCALE_MODES, *UPSCALERS, None],
+        "hr_sampler_name": [*_sampler_names(), SAME_SAMPLER, "", None],
+        "hr_scheduler": [*_schedule_names(), SAME_SCHEDULER, "", None],
+        "hr_checkpoint_name": ["Use same checkpoint", "", None],
+        "firstphase_width": [0, None], "firstphase_height": [0, None],
+    }
+    hires = {"properties": {name: {"enum": values, "nullable": True} for name, values in names.items()}}
+    schema.setdefault("allOf", []).append({"anyOf": [{"properties": {"enable_hr": _false_values()}}, hires]})
+    props["enable_hr"]["description"] = (
+        "hires fix: a second pass (img2img from the upscaled first pass) at hr_scale × width/height, or at "
+        "hr_resize_x/y (both given: scaled to cover, then centre-cropped); that final size must be a multiple "
+        "of the model's size step and within SDFC_MAX_PIXELS and the memory budget (400 otherwise)")
+    props["hr_upscaler"]["description"] = ("null: Latent. Latent modes interpolate the latents; None/Lanczos/"
+                                           "Nearest resize the decoded image (its target size must be a multiple "
+                                           "of 8). Model upscalers (ESRGAN...) need weights sdfc lacks: 400")
+    props["hr_second_pass_steps"]["description"] = "0: steps; the second pass runs exactly this many steps"
+    props["hr_sampler_name"]["description"] = "null: the first pass's sampler"
+    props["hr_scheduler"]["description"] = "null: the first pass's schedule"
+    props["hr_checkpoint_name"]["description"] = "another model for the second pass is not supported"
+    for name in ("firstphase_width", "firstphase_height"):
+        props[name]["description"] = "the legacy hires fix is not supported: 0"
+    props["denoising_strength"]["description"] = (
+        f"hires fix: the second pass's strength (null: {DEFAULT_DENOISING_STRENGTH}, where A1111 fails); "
+        "0 returns the upscaled first pass")
+
+
 def _with_server_limits(schema: dict, settings) -> dict:
     """The model's schema with what this server accepts: its limits, names, and what sdfc does not support."""
     schema = copy.deepcopy(schema)
@@ -328,9 +388,19 @@ def _with_server_limits(schema: dict, settings) -> dict:
         props["alwayson_scripts"]["maxProperties"] = 0
         props["alwayson_scripts"]["description"] = "sdfc has no scripts (must be empty)"
     if schema.get("title") == payloads.IMG2IMG.name:
-        _only_empty(props["mask"], "inpainting is not supported by sdfc yet")
-        props["resize_mode"]["enum"] = [0, None]
-        props["resize_mode"]["description"] = "0 (Just resize); the other modes are not supported yet"
+        props["mask"]["description"] = "inpainting mask, base64 or data-URI image: white is repainted"
+        props["resize_mode"]["description"] = ("0 just resize, 1 crop and resize, 2 resize and fill, "
+                                               "3 just resize (latent upscale; with a mask, or on an inpainting "
+                                               "model, the init images must have the job's size unless "
+                                               "inpaint_full_res)")
+        props["image_cfg_scale"]["enum"] = [None, IMAGE_CFG_SCALE_DEFAULT]
+        props["image_cfg_scale"]["description"] = ("only instruct-pix2pix (edit) models use it; sdfc serves none "
+                                                   f"(null, or A1111's default {IMAGE_CFG_SCALE_DEFAULT})")
+        props["latent_mask"]["description"] = ("base64 or data-URI image replacing the mask for the masked-content "
+                                               "fill (then of the job's size) and the latent blend (A1111's "
+                                               "p.latent_mask); only with a mask")
+        props["inpainting_fill"]["description"] = "masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing"
+        props["inpaint_full_res"]["description"] = "true: inpaint only the masked area (cropped, then pasted back)"
     if "imageList" in props:
         props["imageList"]["maxItems"] = settings.max_images
         props["imageList"]["description"] = (f"[{{data: base64 image, name}}], at most {settings.max_images} "
@@ -353,9 +423,8 @@ def _with_server_limits(schema: dict, settings) -> dict:
         schema["anyOf"] = [
             {"required": ["sampler_name"], "properties": {"sampler_name": {"enum": _sampler_names()}}},
             {"properties": {"sampler_index": {"enum": [*_sampler_names(), None]}}}]
-    for name in HIRES_ONLY:
-        if name in props:
-            props[name]["description"] = "read only with enable_hr (not supported): ignored"
+    if "enable_hr" in props:
+        _describe_hires(schema)
     if schema.get("title") == payloads.IMG2IMG.name:
         props["denoising_strength"]["description"] = (
             "with a timestep sampler (DDIM, PLMS, UniPC...) int(min(denoising_strength, 0.999) × steps) must "
@@ -487,6 +556,8 @@ QUERY = {
     "/sdapi/v2/tasks": TASK_QUERY,
     "/sdapi/v2/tasks/txt2img": [IDEMPOTENCY_HEADER],
     "/sdapi/v2/tasks/img2img": [IDEMPOTENCY_HEADER],
+    "/sdapi/v2/tasks/train-lora": [IDEMPOTENCY_HEADER],
+    "/sdapi/v2/tasks/train-embedding": [IDEMPOTENCY_HEADER],
     "/sdapi/v1/progress": [{"name": "skip_current_image", "in": "query", "schema": _S,
                             "description": "1, true or yes: leave current_image out (anything else: false)"}],
     "/gallery/api/images": GALLERY_QUERY + [USER_QUERY],

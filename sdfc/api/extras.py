@@ -5,10 +5,10 @@ import base64
 
 from PIL import Image
 
+from ..engine.upscale import PIXEL_UPSCALERS as UPSCALERS  # one table: /upscalers, extras and hires fix
 from .errors import ApiError
 from .images import ImageDecodeError, encode_image_bytes, load_image, open_image_header
 
-UPSCALERS = {"None": None, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
 MAX_OUTPUT_PIXELS = 4096 * 4096
 # A batch's results are all held until the response is written: their sum is bounded too (~200 MB as RGB).
 MAX_BATCH_OUTPUT_PIXELS = 4 * MAX_OUTPUT_PIXELS

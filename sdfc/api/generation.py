@@ -14,12 +14,15 @@ from pathlib import Path
 
 from ..engine import GenerationRequest, GenerationResult, InvalidRequestError, JobControl, ModelNotFoundError
 from ..engine import OutOfMemoryError
+from ..engine import hires as engine_hires
 from ..engine import samplers as engine_samplers
 from ..engine.pipeline import validate as validate_engine_request
 from ..engine import schedules as engine_schedules
+from ..engine.lora import parse_networks
 from ..engine.prompt_parser import check_prompt
 from .errors import ApiError, ValidationFailed
 from .images import encode_image_bytes
+from . import img2img as img2img_fields
 from .limits import check_limits, load_images, open_init_images
 from .infotext import SDFC_VERSION, create_infotext, info_json, parse_generation_parameters
 from .state import ApiState
@@ -29,9 +32,7 @@ log = logging.getLogger("sdfc.api")
 
 # Features A1111 has that sdfc does not (yet): refused clearly instead of silently ignored.
 UNSUPPORTED_FLAGS = {
-    "enable_hr": "hires fix (enable_hr) is not supported by sdfc yet",
     "restore_faces": "face restoration is not supported by sdfc",
-    "tiling": "tiling is not supported by sdfc yet",
 }
 
 
@@ -46,11 +47,12 @@ def _check_unsupported(values: dict, mode: str) -> None:
         if values.get(key):
             raise ApiError(400, message, error="NotImplementedError")
     if values.get("script_name"):
-        raise ApiError(422, f"Script '{values['script_name']}' not found")
+        from ..scripts import find_script
+        find_script(values["script_name"], mode)  # 422 "Script 'x' not found", as A1111
     for name in (values.get("alwayson_scripts") or {}):
         raise ApiError(422, f"Script '{name}' not found")
-    if mode == "img2img" and values.get("mask"):
-        raise ApiError(400, "inpainting (mask) is not supported by sdfc yet", error="NotImplementedError")
+    if mode == "img2img":
+        img2img_fields.check_fields(values)
 
 
 def _model_override(state: ApiState, options: dict, overrides: dict | None) -> str | None:
@@ -100,6 +102,8 @@ def _check_request(state: ApiState, req: GenerationRequest, options: dict) -> No
         # The engine's own checks (sizes a multiple of 8, where A1111 floors silently; sampler and schedule
         # names), so that a v1 request and a task submit are refused before they queue.
         sampler, _ = validate_engine_request(req)
+        for network in parse_networks(req.prompt):  # <lora:…> tags: well formed, and the files exist
+            state.engine.loras.find(network.name)
     except InvalidRequestError as exc:
         raise ApiError(400, str(exc), error="ValueError") from None
     info = _model_info(state, req)
@@ -109,9 +113,11 @@ def _check_request(state: ApiState, req: GenerationRequest, options: dict) -> No
         if value % step:
             raise ApiError(400, f"{name} must be a multiple of {step} for model {info.name!r}, got {value} "
                                 f"(try {max(step, value // step * step)})", error="ValueError")
-    if req.init_images is not None and req.resize_mode != 0:
-        raise ApiError(400, f"resize_mode {req.resize_mode} is not supported yet; use 0 (Just resize)",
-                       error="NotImplementedError")
+    if req.hires is not None:  # the second pass's size (hr_scale, or hr_resize_x/y and its crop) as well
+        for name, value in zip(("width", "height"), engine_hires.plan(req.width, req.height, req.hires).final_size):
+            if value % step:
+                raise ApiError(400, f"the hires fix's {name} ({value}, from hr_scale or hr_resize_x/y) must be a "
+                                    f"multiple of {step} for model {info.name!r}", error="ValueError")
     if req.init_images is not None and sampler.kind == "timesteps" \
             and engine_samplers.img2img_steps(req.steps, req.denoising_strength) < 1:
         # k-diffusion samplers still run one step here (as A1111); DDIM/PLMS/UniPC would run none.
@@ -134,13 +140,38 @@ def _check_request(state: ApiState, req: GenerationRequest, options: dict) -> No
                                 "or enable_pnginfo false", error="ValueError")
 
 
+def _hires_fix(state: ApiState, values: dict, mode: str) -> engine_hires.HiresFix | None:
+    """txt2img's hr_* fields (A1111 1.10's, and Forge's hr_cfg) → the engine's HiresFix; None without enable_hr."""
+    if mode != "txt2img" or not values.get("enable_hr"):
+        return None
+    if values.get("firstphase_width") or values.get("firstphase_height"):
+        raise ApiError(400, "firstphase_width/firstphase_height (the legacy hires fix) are not supported: set "
+                            "width/height to the first pass and hr_scale or hr_resize_x/y", error="NotImplementedError")
+    if values.get("hr_checkpoint_name") not in (None, "", "Use same checkpoint"):
+        raise ApiError(400, "hr_checkpoint_name is not supported by sdfc: the second pass uses the first pass's "
+                            "model", error="NotImplementedError")
+    # As A1111: an empty hires prompt is the prompt; the styles apply to the hires prompts too.
+    prompt, negative = apply_styles(state.settings.styles_file, values.get("styles"),
+                                    _value(values, "hr_prompt", "") or _value(values, "prompt", ""),
+                                    _value(values, "hr_negative_prompt", "") or _value(values, "negative_prompt", ""))
+    return engine_hires.HiresFix(
+        scale=_value(values, "hr_scale", 2.0), resize_x=_value(values, "hr_resize_x", 0),
+        resize_y=_value(values, "hr_resize_y", 0), upscaler=values.get("hr_upscaler"),
+        second_pass_steps=_value(values, "hr_second_pass_steps", 0),
+        # A1111 1.10 fails (500) without it; sdfc takes the WebUI's default.
+        denoising_strength=_value(values, "denoising_strength", engine_hires.DEFAULT_DENOISING_STRENGTH),
+        sampler_name=values.get("hr_sampler_name"), scheduler=values.get("hr_scheduler"),
+        prompt=prompt, negative_prompt=negative, cfg_scale=values.get("hr_cfg"))
+
+
 def build_request(state: ApiState, values: dict, mode: str, options: dict) -> GenerationRequest:
     _check_unsupported(values, mode)
-    init_images = None
+    init_images, inpainting = None, {}
     if mode == "img2img":
         if not values.get("init_images"):
             raise ApiError(404, "Init image not found")
         init_images = open_init_images(state, values)  # headers only: decoded after the limits pass
+        inpainting = img2img_fields.engine_fields(values, options)  # mask (header only), inpainting fields
     prompt, negative = apply_styles(state.settings.styles_file, values.get("styles"),
                                     _value(values, "prompt", ""), _value(values, "negative_prompt", ""))
     req = GenerationRequest(
@@ -169,10 +200,15 @@ def build_request(state: ApiState, values: dict, mode: str, options: dict) -> Ge
         init_images=init_images,
         denoising_strength=_value(values, "denoising_strength", 0.75),
         resize_mode=_value(values, "resize_mode", 0),
+        tiling=_value(values, "tiling", options["tiling"]),  # as A1111: null falls back to the option
+        hires=_hires_fix(state, values, mode),
+        **inpainting,
     )
     check_limits(state, req)
     _check_request(state, req, options)
     load_images(req.init_images)
+    load_images([req.mask] if req.mask is not None else None, "mask")
+    load_images([req.latent_mask] if req.latent_mask is not None else None, "latent_mask")
     return req
 
 
@@ -202,11 +238,19 @@ def infotext_params(result: GenerationResult, index: int, options: dict, mode: s
         "Seed resize from": f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
         if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None,
         "Denoising strength": req.denoising_strength if mode == "img2img" else None,
+        "Conditional mask weight": img2img_fields.conditional_mask_weight(result.model, options),
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         # As A1111: ENSD is reported only where it changes the noise (a sampler using it, with eta != 0).
         "ENSD": req.eta_noise_seed_delta
         if req.eta_noise_seed_delta and eta and sampler.options.get("uses_ensd") else None,
         "RNG": req.noise_source if req.noise_source != "GPU" else None,
+        "Tiling": "True" if req.tiling else None,
+        # Hires fix: A1111's extra_generation_params from its init() (Denoising strength keeps its place above).
+        **(engine_hires.infotext_entries(req, result.sampler_name, result.schedule_label, result.prompts[index],
+                                         result.negative_prompts[index]) if req.hires is not None else {}),
+        # img2img's from its init() and sample() (Mask blur, Inpaint area, ..., Noise multiplier), added before the
+        # sampler adds its eta: A1111's extra_generation_params order.
+        **result.extra_generation_params,
         # A1111 names the DDIM family's eta "Eta DDIM" and the k-diffusion one "Eta".
         ("Eta DDIM" if sampler.kind == "timesteps" else "Eta"):
             eta if sampler.uses_eta and eta != default_eta else None,
@@ -225,6 +269,14 @@ def _encode(image, fmt: str, infotext: str | None, quality: int) -> bytes:
         # record keeps the text). _check_request refuses the prompts for which this is foreseeable.
         log.warning("infotext of %d characters does not fit a %s's EXIF: image sent without it", len(infotext), fmt)
         return encode_image_bytes(image, fmt, None, jpeg_quality=quality)
+
+
+def _hires_info(result: GenerationResult) -> dict:
+    req = result.request
+    if req.hires is None or not result.prompts:
+        return {}
+    return engine_hires.info_entries(engine_hires.infotext_entries(
+        req, result.sampler_name, result.schedule_label, result.prompts[0], result.negative_prompts[0]))
 
 
 def build_response(state: ApiState, values: dict, mode: str, result: GenerationResult, options: dict,
@@ -254,9 +306,13 @@ def build_response(state: ApiState, values: dict, mode: str, result: GenerationR
         all_negative_prompts=result.negative_prompts, all_seeds=result.seeds, all_subseeds=result.subseeds,
         batch_size=req.batch_size, sd_model_name=result.model.name, sd_model_hash=result.model.short_hash,
         seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h,
-        denoising_strength=req.denoising_strength if mode == "img2img" else values.get("denoising_strength"),
-        extra_generation_params={"Schedule type": _schedule_label(result)}, styles=values.get("styles") or [],
+        denoising_strength=req.denoising_strength if mode == "img2img" else
+        req.hires.denoising_strength if req.hires is not None else values.get("denoising_strength"),
+        extra_generation_params={**_hires_info(result), "Schedule type": _schedule_label(result),
+                                 **result.extra_generation_params},
+        styles=values.get("styles") or [],
         job_timestamp=timestamp, clip_skip=int(options["CLIP_stop_at_last_layers"]),
+        is_using_inpainting_conditioning=img2img_fields.uses_inpainting_conditioning(result.model),
     )
     parameters = dict(values)
     if mode == "img2img" and not values.get("include_init_images"):
@@ -274,9 +330,27 @@ INFOTEXT_FIELDS = {
     "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
     "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int),
     "Denoising strength": ("denoising_strength", float),
+    # Hires fix (A1111's txt2img paste fields; Hires CFG Scale is Forge's)
+    "Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_upscaler", str),
+    "Hires steps": ("hr_second_pass_steps", int), "Hires resize-1": ("hr_resize_x", int),
+    "Hires resize-2": ("hr_resize_y", int), "Hires checkpoint": ("hr_checkpoint_name", str),
+    "Hires sampler": ("hr_sampler_name", str), "Hires schedule type": ("hr_scheduler", str),
+    "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str),
+    "Hires CFG Scale": ("hr_cfg", float),
 }
+
+
+def _infotext_bool(raw) -> bool:
+    """A1111 writes booleans as True/False."""
+    if str(raw) not in ("True", "False"):
+        raise ValueError(raw)
+    return str(raw) == "True"
+
+
+_infotext_bool.__name__ = "bool"  # named so in the 422 message
 INFOTEXT_OPTIONS = {"Clip skip": ("CLIP_stop_at_last_layers", float), "RNG": ("randn_source", str),
-                    "ENSD": ("eta_noise_seed_delta", int), "Emphasis": ("emphasis", str)}
+                    "ENSD": ("eta_noise_seed_delta", int), "Emphasis": ("emphasis", str),
+                    "Tiling": ("tiling", _infotext_bool)}
 
 
 def apply_infotext(values: dict, explicit: set[str]) -> dict:
@@ -295,6 +369,9 @@ def apply_infotext(values: dict, explicit: set[str]) -> dict:
     for key, (field, kind) in INFOTEXT_FIELDS.items():
         if key in parsed and field not in explicit:
             filled[field] = convert(kind, parsed[key], key)
+    if "enable_hr" not in explicit and "Denoising strength" in parsed and \
+            any(key in parsed for key in ("Hires upscale", "Hires upscaler", "Hires resize-1")):
+        filled["enable_hr"] = True  # A1111's paste rule (its parser always adds Hires resize-1)
     overrides = dict(values.get("override_settings") or {})
     for key, (option, kind) in INFOTEXT_OPTIONS.items():
         if key in parsed and option not in overrides:
@@ -305,6 +382,10 @@ def apply_infotext(values: dict, explicit: set[str]) -> dict:
 
 def validate_generation(state: ApiState, values: dict, mode: str) -> None:
     """Every check a generation gets before it runs, without running it (a task is validated at submit)."""
+    if values.get("script_name"):
+        from ..scripts import prepare_script
+        prepare_script(state, values, mode)
+        return
     build_request(state, values, mode, state.options.with_overrides(values.get("override_settings")))
 
 
@@ -316,36 +397,55 @@ def run_generation(state: ApiState, values: dict, mode: str, request_id: str | N
     # key, so that no request, whatever headers it sends, can share (and overwrite) another one's rows.
     request_id = request_id or uuid.uuid4().hex
     record_key = uuid.uuid4().hex
+    control = control or JobControl()  # a task passes its own, which its keep-alive watches
+    if values.get("script_name"):  # a built-in script runs several engine jobs (sdfc/scripts)
+        from ..scripts import run_script
+        return run_script(state, values, mode, request_id, record_key, control, user, task_id)
     options = state.options.with_overrides(values.get("override_settings"))
     req = build_request(state, values, mode, options)
-    control = control or JobControl()  # a task passes its own, which its keep-alive watches
     with state.queue:
         state.start_job(f"scripts_{mode}", control)
         try:
             engine_started = time.perf_counter()
-            result = state.engine.generate(req, control)
+            result = generate_queued(state, req, control)
             engine_seconds = time.perf_counter() - engine_started
-        except InvalidRequestError as exc:
-            raise ApiError(400, str(exc), error="ValueError") from None
-        except OutOfMemoryError as exc:
-            # The job's buffers are released with it: the next (smaller, or later) request runs normally.
-            log.warning("job ran out of memory: %s", exc)
-            raise ApiError(503, f"{exc}; try a smaller size or batch, or again later (lower SDFC_MEMORY_BUDGET "
-                                "if this repeats)", error="OutOfMemoryError",
-                           headers={"Retry-After": "5"}) from None
         finally:
             timestamp = state.job.timestamp
             state.end_job()
-        if values.get("override_settings") and values.get("override_settings_restore_afterwards") is False:
-            state.options.update({k: v for k, v in values["override_settings"].items()
-                                  if k in options and k != "sd_model_checkpoint"})
+        keep_overrides(state, values, options)
     response, records = build_response(state, values, mode, result, options, timestamp, record_key)
+    deliver_records(state, records, engine_seconds, user, task_id)
+    log.info("generated %d image(s) in request %s as record %s", len(result.images), request_id, record_key)
+    return response
+
+
+def generate_queued(state: ApiState, req: GenerationRequest, control) -> GenerationResult:
+    """One engine job, inside the queue: the engine's refusals as A1111's 4xx/503."""
+    try:
+        return state.engine.generate(req, control)
+    except InvalidRequestError as exc:
+        raise ApiError(400, str(exc), error="ValueError") from None
+    except OutOfMemoryError as exc:
+        # The job's buffers are released with it: the next (smaller, or later) request runs normally.
+        log.warning("job ran out of memory: %s", exc)
+        raise ApiError(503, f"{exc}; try a smaller size or batch, or again later (lower SDFC_MEMORY_BUDGET "
+                            "if this repeats)", error="OutOfMemoryError",
+                       headers={"Retry-After": "5"}) from None
+
+
+def keep_overrides(state: ApiState, values: dict, options: dict) -> None:
+    """override_settings_restore_afterwards false: the overrides stay (the checkpoint does not)."""
+    if values.get("override_settings") and values.get("override_settings_restore_afterwards") is False:
+        state.options.update({k: v for k, v in values["override_settings"].items()
+                              if k in options and k != "sd_model_checkpoint"})
+
+
+def deliver_records(state: ApiState, records: list[dict], engine_seconds: float, user: str,
+                    task_id: str | None) -> None:
     per_image = round(engine_seconds / max(1, len(records)), 4)
     for record in records:
         record.update(user=user, task_id=task_id, gpu_seconds=per_image,
                       cost=state.settings.pricing.cost(per_image))
     if state.on_images is not None:
         state.on_images(records)
-    log.info("generated %d image(s) in request %s as record %s", len(result.images), request_id, record_key)
-    return response
 

@@ -15,6 +15,7 @@ import re
 from PIL import Image
 
 from ..engine import GenerationRequest
+from ..engine.hires import limits_request as hires_limits_request
 from ..engine.memory import MemoryProfile
 from ..engine.models import ModelInfo
 from .errors import ApiError
@@ -39,14 +40,14 @@ def _mib(n: int) -> str:
 class MemoryLimits:
     """The memory budget and pixel limit for one model, as this server's settings and machine give them."""
 
-    def __init__(self, state: ApiState, info: ModelInfo):
+    def __init__(self, state: ApiState, info: ModelInfo, tiling: bool = False):
         settings = state.settings
         self.profile: MemoryProfile = info.memory
         if settings.memory_budget is not None:
             self.budget = settings.memory_budget or None  # 0: no memory check
             self.budget_source = "SDFC_MEMORY_BUDGET"
         else:
-            self.budget = state.engine.memory_budget(info)
+            self.budget = state.engine.memory_budget(info, tiling)  # tiling: its seamless sessions too
             self.budget_source = "measured free memory; set SDFC_MEMORY_BUDGET to change"
         if settings.max_pixels is not None:
             self.max_pixels, self.pixels_source = settings.max_pixels, "SDFC_MAX_PIXELS"
@@ -58,10 +59,10 @@ class MemoryLimits:
             self.max_pixels, self.pixels_source = FALLBACK_MAX_PIXELS, "SDFC_MAX_PIXELS"
 
 
-def limits_for(state: ApiState, model: str | None) -> MemoryLimits:
+def limits_for(state: ApiState, model: str | None, tiling: bool = False) -> MemoryLimits:
     engine = state.engine
     info = engine.find_model(model) if model else engine.current
-    return MemoryLimits(state, info)
+    return MemoryLimits(state, info, tiling)
 
 
 def _context_tokens(state: ApiState, req: GenerationRequest, prompt: str) -> int:
@@ -87,7 +88,7 @@ def check_limits(state: ApiState, req: GenerationRequest) -> None:
         if size > s.max_prompt_bytes:
             raise _limit_error(f"{name} is {size} bytes in UTF-8, over the limit of {s.max_prompt_bytes} "
                                "(SDFC_MAX_PROMPT_BYTES; the records table's text column holds 65535)")
-    limits = limits_for(state, req.model)
+    limits = limits_for(state, req.model, req.tiling is True)
     if req.width * req.height > limits.max_pixels:
         raise _limit_error(f"image size {req.width}x{req.height} exceeds the limit of {limits.max_pixels} "
                            f"pixels ({limits.pixels_source})")
@@ -98,6 +99,24 @@ def check_limits(state: ApiState, req: GenerationRequest) -> None:
                            f"limit of {limits.max_pixels} pixels ({limits.pixels_source})")
     if limits.budget:
         _check_memory(state, req, limits)
+    if req.hires is not None:  # the second pass: the final size, its steps and hires prompts
+        try:
+            check_limits(state, hires_limits_request(req))
+        except ApiError as exc:
+            raise _limit_error(f"hires fix second pass: {exc.detail}") from None
+
+
+def _mask_pixels(req: GenerationRequest, used: list) -> int:
+    """Inpainting's extra images: the decoded (and blurred) mask; with inpaint_full_res each result comes back
+    at its init image's size, pasted over a copy of it."""
+    if req.mask is None:
+        return 0
+    extra = req.mask.width * req.mask.height
+    if req.latent_mask is not None:
+        extra += req.latent_mask.width * req.latent_mask.height
+    if req.inpaint.inpaint_full_res and used:
+        extra += req.batch_size * req.n_iter * max(im.width * im.height for im in used)
+    return extra
 
 
 def _check_memory(state: ApiState, req: GenerationRequest, limits: MemoryLimits) -> None:
@@ -108,7 +127,7 @@ def _check_memory(state: ApiState, req: GenerationRequest, limits: MemoryLimits)
         cond_rows=len(_AND_RE.findall(req.prompt)) + 1,
         context_tokens=max(_context_tokens(state, req, req.prompt),
                            _context_tokens(state, req, req.negative_prompt)),
-        init_images=len(used), init_pixels=sum(im.width * im.height for im in used))
+        init_images=len(used), init_pixels=sum(im.width * im.height for im in used) + _mask_pixels(req, used))
     if need > limits.budget:
         raise _limit_error(
             f"this job ({req.width}x{req.height}, batch_size {req.batch_size}) needs about {_mib(need)} of "

@@ -4,6 +4,7 @@ The order matters: `parameters` in a generation response echoes the request in t
 """
 from __future__ import annotations
 
+from ..engine.inpaint import MAX_MASK_BLUR
 from .schema import Field as F
 from .schema import Model
 
@@ -36,7 +37,8 @@ _COMMON_HEAD = (
     F("width", "int", 512, "a multiple of 8 (and of the model's size step)", ge=8, strings=False),
     F("height", "int", 512, "a multiple of 8 (and of the model's size step)", ge=8, strings=False),
     F("restore_faces", "bool", None),
-    F("tiling", "bool", None),
+    F("tiling", "bool", None, "seamless, tileable images: the UNet and VAE convolutions wrap around "
+                               "(null: the tiling option)"),
     F("do_not_save_samples", "bool", False),
     F("do_not_save_grid", "bool", False),
     F("eta", "float", None, ge=0, le=1),
@@ -62,29 +64,35 @@ _TXT2IMG_ONLY = (
     F("hr_scale", "float", 2.0, ge=1, le=8),
     F("hr_upscaler", "str", None),
     F("hr_second_pass_steps", "int", 0, ge=0, strings=False),
-    F("hr_resize_x", "int", 0, ge=0),
-    F("hr_resize_y", "int", 0, ge=0),
+    F("hr_resize_x", "int", 0, ge=0, strings=False),
+    F("hr_resize_y", "int", 0, ge=0, strings=False),
     F("hr_checkpoint_name", "str", None),
     F("hr_sampler_name", "str", None),
     F("hr_scheduler", "str", None),
     F("hr_prompt", "str", ""),
     F("hr_negative_prompt", "str", ""),
+    F("hr_cfg", "float", None, "the second pass's CFG scale (Forge's field; null: cfg_scale)", ge=0,
+      le=CFG_SCALE_MAX),
     F("force_task_id", "str", None, TASK_ID_TEXT, pattern=TASK_ID_PATTERN),
 )
+
+# A1111's slider maximum (its API takes more; a blur that size costs 5·σ taps per pixel and pass).
+MASK_BLUR_TEXT = f"pixels, at most {MAX_MASK_BLUR}"
 
 _IMG2IMG_ONLY = (
     F("init_images", "list", None, "base64 or data-URI images", items="str"),
     F("resize_mode", "int", 0, ge=0, le=3),
     F("image_cfg_scale", "float", None, ge=0, le=CFG_SCALE_MAX),
     F("mask", "str", None),
-    F("mask_blur_x", "int", 4, ge=0),
-    F("mask_blur_y", "int", 4, ge=0),
-    F("mask_blur", "int", None, ge=0),
+    F("mask_blur_x", "int", 4, MASK_BLUR_TEXT, ge=0, le=MAX_MASK_BLUR),
+    F("mask_blur_y", "int", 4, MASK_BLUR_TEXT, ge=0, le=MAX_MASK_BLUR),
+    F("mask_blur", "int", None, MASK_BLUR_TEXT, ge=0, le=MAX_MASK_BLUR),
     F("mask_round", "bool", True),
     F("inpainting_fill", "int", 0, ge=0, le=3),
     F("inpaint_full_res", "bool", True),
     F("inpaint_full_res_padding", "int", 0, ge=0),
-    F("inpainting_mask_invert", "int", 0, ge=0, le=1),
+    # An int in A1111, whose pydantic takes true/false for it (A1111's own tests send false): 0/1 or a bool.
+    F("inpainting_mask_invert", "bool", 0),
     F("initial_noise_multiplier", "float", None, ge=0, le=1.5),
     F("latent_mask", "str", None),
     F("force_task_id", "str", None, TASK_ID_TEXT, pattern=TASK_ID_PATTERN),

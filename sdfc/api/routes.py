@@ -16,9 +16,11 @@ from flask import Blueprint, current_app, g, request
 from ..engine import ModelNotFoundError
 from ..engine import samplers as engine_samplers
 from ..engine import schedules as engine_schedules
+from .. import scripts as builtin_scripts
 from . import auth, payloads
 from .errors import ApiError, ValidationFailed, json_response
 from .extras import run_extras_batch, run_extras_single, UPSCALERS
+from ..engine.upscale import LATENT_UPSCALE_MODES
 from .generation import apply_infotext, run_generation
 from .images import ImageDecodeError, read_image_metadata
 from .infotext import parse_generation_parameters
@@ -356,12 +358,19 @@ def prompt_styles():
 
 @bp.get("/embeddings")
 def embeddings():
-    return json_response({"loaded": {}, "skipped": {}})
+    db = state().engine.embeddings_of()
+    return json_response({"loaded": {name: e.listing() for name, e in db.loaded.items()},
+                          "skipped": {name: e.listing() for name, e in db.skipped.items()}})
 
 
 @bp.get("/scripts")
 def scripts():
-    return json_response({"txt2img": [], "img2img": []})
+    return json_response(builtin_scripts.scripts_list())
+
+
+@bp.get("/script-info")
+def script_info():
+    return json_response(builtin_scripts.script_info())
 
 
 @bp.get("/memory")
@@ -390,9 +399,25 @@ def refresh_checkpoints():
     return json_response(None)
 
 
-@bp.post("/refresh-vae")
 @bp.post("/refresh-embeddings")
+def refresh_embeddings():
+    with state().queue:  # between jobs: no job sees its token table change under it
+        state().engine.refresh_embeddings()
+    return json_response(None)
+
+
 @bp.post("/refresh-loras")
+def refresh_loras():
+    state().engine.refresh_loras()
+    return json_response(None)
+
+
+@bp.get("/loras")
+def loras():
+    return json_response([f.listing() for f in state().engine.loras.files.values()])
+
+
+@bp.post("/refresh-vae")
 def refresh_noop():
     return json_response(None)
 
@@ -411,10 +436,14 @@ def reload_checkpoint():
     return json_response({})
 
 
-# Lists of things sdfc has none of (no latent upscalers, separate VAEs, hypernetworks, face restorers,
-# LoRAs, scripts or extensions yet): A1111's shape, empty.
-EMPTY_LISTS = ("latent-upscale-modes", "sd-vae", "hypernetworks", "face-restorers", "realesrgan-models",
-               "loras", "script-info", "extensions")
+@bp.get("/latent-upscale-modes")
+def latent_upscale_modes():
+    return json_response([{"name": name} for name in LATENT_UPSCALE_MODES])
+
+
+# Lists of things sdfc has none of (no separate VAEs, hypernetworks, face restorers or extensions yet):
+# A1111's shape, empty.
+EMPTY_LISTS = ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models", "extensions")
 
 
 def _empty_list():

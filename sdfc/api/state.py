@@ -67,7 +67,9 @@ class ApiState:
         with self._engine_lock:
             if self._engine is None:
                 self._engine = Engine(self.settings.models_dir, device=self.settings.device,
-                                      default_model=self.settings.default_model)
+                                      default_model=self.settings.default_model,
+                                      embeddings_dir=self.settings.embeddings_dir,
+                                      lora_dir=self.settings.lora_dir)
                 self.options.update(self.model_options())
             return self._engine
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .lora import strip_extra_networks
 from .prompt_chunks import PromptChunker, encode_texts, make_clip_encode_fn, pad_to_same_length
 from .prompt_parser import (get_learned_conditioning_prompt_schedules, get_multicond_prompt_list,
                             schedule_index_at_call)
@@ -56,24 +57,28 @@ class PromptEncoder:
         self.emphasis = emphasis
         self.clip_skip = clip_skip
         self.chunker = PromptChunker(make_clip_encode_fn(model.tokenizer),
-                                     comma_padding_backtrack=comma_padding_backtrack)
+                                     comma_padding_backtrack=comma_padding_backtrack,
+                                     embeddings=getattr(model, "embeddings", None))
         self._cache: dict[tuple[str, int], ScheduledCond] = {}
 
     def _encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
         return self.model.encode_tokens(tokens, clip_skip=self.clip_skip)
 
-    def scheduled(self, prompt: str, steps: int) -> ScheduledCond:
-        key = (prompt, steps)
+    def scheduled(self, prompt: str, steps: int, hires_steps: int | None = None) -> ScheduledCond:
+        key = (prompt, steps, hires_steps)
         if key not in self._cache:
-            schedule = get_learned_conditioning_prompt_schedules([prompt], steps)[0]
+            schedule = get_learned_conditioning_prompt_schedules([prompt], steps, hires_steps)[0]
             texts = [text for _, text in schedule]
             tensors = encode_texts(texts, self.chunker, self._encode_tokens, self.emphasis)
             self._cache[key] = ScheduledCond(tuple(end for end, _ in schedule), tuple(tensors))
         return self._cache[key]
 
-    def batch(self, prompts: list[str], negative_prompts: list[str], steps: int) -> BatchConditioning:
-        indexes, texts, _ = get_multicond_prompt_list(prompts)
-        cond = tuple(tuple((self.scheduled(texts[i], steps), weight) for i, weight in per_image)
+    def batch(self, prompts: list[str], negative_prompts: list[str], steps: int,
+              hires_steps: int | None = None) -> BatchConditioning:
+        """`hires_steps`: a hires second pass's steps (then `steps` are the first pass's, §1.2)."""
+        # A1111 removes extra-network tags (<lora:…>) from the prompts, not from the negative prompts.
+        indexes, texts, _ = get_multicond_prompt_list([strip_extra_networks(p) for p in prompts])
+        cond = tuple(tuple((self.scheduled(texts[i], steps, hires_steps), weight) for i, weight in per_image)
                      for per_image in indexes)
-        uncond = tuple(self.scheduled(p, steps) for p in negative_prompts)
+        uncond = tuple(self.scheduled(p, steps, hires_steps) for p in negative_prompts)
         return BatchConditioning(cond, uncond)

@@ -18,6 +18,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .tiling import TILED_COMPONENTS
+
 log = logging.getLogger("sdfc.engine")
 
 ATTENTION_COPIES = 2        # attention scores and their softmax are alive together (measured, see above)
@@ -38,6 +40,8 @@ class MemoryProfile:
     vae_channels: int
     vae_attention_downscale: int  # VAE mid-block resolution relative to the latent (1 for SD's 4-block VAE)
     weights_bytes: int
+    # The seamless (tiling) UNet and VAE sessions, once built, hold their own prepacked copy of those weights.
+    tiled_weights_bytes: int = 0
 
     def request_bytes(self, width: int, height: int, batch_size: int = 1, n_images: int = 1,
                       cond_rows: int = 1, context_tokens: int = 77, init_images: int = 0,
@@ -97,6 +101,8 @@ def memory_profile(model_path: Path, precision: str = "fp32") -> MemoryProfile:
     levels += ((2 ** (len(blocks) - 1), mid_heads),)  # the mid block attends at the lowest resolution
     vae_blocks = len(vae.get("block_out_channels") or [128, 256, 512, 512])
     weights = sum(f.stat().st_size for f in model_path.glob("*/model.onnx*") if f.is_file())
+    tiled = sum(f.stat().st_size for c in TILED_COMPONENTS
+                for f in (model_path / c).glob("model.onnx*") if f.is_file())
     return MemoryProfile(
         dtype_bytes=2 if precision == "fp16" else 4,
         attention_levels=levels,
@@ -104,6 +110,7 @@ def memory_profile(model_path: Path, precision: str = "fp32") -> MemoryProfile:
         vae_channels=int((vae.get("block_out_channels") or [128])[0]),
         vae_attention_downscale=max(1, 2 ** (vae_blocks - 1) // 8),
         weights_bytes=weights,
+        tiled_weights_bytes=tiled,
     )
 
 

@@ -6,20 +6,29 @@ is loaded once per instance and then serves many requests.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, OutOfMemoryError
+from . import tiling
+from .lora import LoraSessions
 from .memory import MemoryProfile, memory_profile
 from .schedules import ModelSigmas, alphas_cumprod_from_config
 
 log = logging.getLogger("sdfc.engine")
 
 MANIFEST = "sdfc.json"
+# onnxruntime's CPU layout transformer re-packs Conv weights from the model's own initializers, ignoring an
+# override (measured with 1.31.1: an overridden Conv weight changed nothing): off where initializers are replaced.
+OVERRIDE_BLOCKING_OPTIMIZERS = ("NchwcTransformer",)
+# The text encoder's token-embedding initializer, as torch.onnx names CLIPTextModel's parameter.
+TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -47,6 +56,7 @@ class ModelInfo:
     architecture: str
     prediction_type: str
     clip_skip_outputs: tuple[tuple[int, str], ...] = ((1, "last_hidden_state"),)
+    unet_in_channels: int = 4  # 9: an inpainting UNet (latent + mask + masked-image latent)
 
     def clip_skip_problem(self, clip_skip: int) -> str | None:
         """Why this model cannot encode prompts at `clip_skip`, or None when it can."""
@@ -88,6 +98,7 @@ def read_model_info(path: Path) -> ModelInfo:
         prediction_type=manifest.get("prediction_type", "epsilon"),
         clip_skip_outputs=tuple(sorted((int(k), v) for k, v in
                                        (manifest.get("clip_skip_outputs") or {"1": "last_hidden_state"}).items())),
+        unet_in_channels=int(manifest.get("unet_in_channels", 4)),
     )
 
 
@@ -129,18 +140,12 @@ class OnnxModel:
             raise ValueError(f"unknown device {device!r}; valid devices: {', '.join(PROVIDERS)}")
         self.info = info
         self.device = device
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        # Memory patterns pre-plan each run's buffers and keep them: +76 MB (UNet) and +116 MB (VAE) on
-        # the second run of a 50 M-parameter model, for no measured speed gain (bench findings).
-        options.enable_mem_pattern = False
-        if device == "cpu":
-            # One arena shared by every session of the process, growing only by what is asked for,
-            # instead of one doubling arena per session.
-            _register_shared_cpu_arena(ort)
-            options.add_session_config_entry("session.use_env_allocators", "1")
-        self.sessions = {c: self._session(ort, c, options) for c in COMPONENTS}
+        self.threads = threads
+        self.sessions = {c: self._session(ort, c, self._options(ort)) for c in COMPONENTS}
+        # The seamless (tiling) variants of TILED_COMPONENTS: built on the first tiled request only, since
+        # they hold a second copy of those parts' prepacked weights; then kept beside the normal ones.
+        self._tiled_sessions: dict | None = None
+        self._tiled_lock = threading.Lock()
         self.providers = self.sessions["unet"].get_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
             log.warning("CUDA was asked for but onnxruntime runs %s on %s: check the CUDA 13 / cuDNN 9 "
@@ -158,15 +163,62 @@ class OnnxModel:
         self.tokenizer = Tokenizer.from_file(str(info.path / "tokenizer" / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
+        self.embeddings = None  # EmbeddingVocabulary once set_embeddings ran (sdfc/engine/embeddings.py)
+        self._embedding_table = None
+        self._weight_maps = None
+        self.loras = LoraSessions()  # LoRA-merged sessions of the last sets used (sdfc/engine/lora.py)
 
-    def _session(self, ort, component: str, options):
+    def _options(self, ort):
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        # Memory patterns pre-plan each run's buffers and keep them: +76 MB (UNet) and +116 MB (VAE) on
+        # the second run of a 50 M-parameter model, for no measured speed gain (bench findings).
+        options.enable_mem_pattern = False
+        if self.device == "cpu":
+            # One arena shared by every session of the process, growing only by what is asked for,
+            # instead of one doubling arena per session.
+            _register_shared_cpu_arena(ort)
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        return options
+
+    def _session(self, ort, component: str, options, circular: bool = False, disabled_optimizers=()):
         path = self.info.path / component / "model.onnx"
         if not path.is_file():
             raise ModelNotFoundError(f"model {self.info.name!r} lacks {str(path)!r}")
+        kwargs = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
         try:
-            return ort.InferenceSession(str(path), options, providers=PROVIDERS[self.device])
+            if not circular:
+                return ort.InferenceSession(str(path), options, providers=PROVIDERS[self.device], **kwargs)
+            # The rewritten graph goes in as bytes; its weights still come from the data file beside `path`.
+            graph, changed = tiling.circular_graph_bytes(path)
+            options.add_session_config_entry(tiling.EXTERNAL_DATA_FOLDER_KEY, str(path.parent.resolve()))
+            log.info("tiling: %d convolutions of %s/%s made circular", changed, self.info.name, component)
+            return ort.InferenceSession(graph, options, providers=PROVIDERS[self.device], **kwargs)
+        except tiling.TilingError as exc:
+            raise ModelLoadError(f"cannot make {str(path)!r} seamless: {exc}") from None
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+            if circular and is_allocation_failure(exc):  # built during a job: that job fails, not the model
+                raise OutOfMemoryError(f"not enough memory to load the seamless {str(path)!r}") from exc
             raise ModelLoadError(f"cannot load {str(path)!r}: {exc}") from None
+
+    @property
+    def tiled_resident(self) -> bool:
+        """Whether the seamless sessions are built (and hold their memory)."""
+        return self._tiled_sessions is not None
+
+    def tiled(self) -> "OnnxModel":
+        """This model with seamless UNet and VAE (A1111's tiling): a view sharing everything but those
+        sessions, which are built on the first call and cached on this model."""
+        with self._tiled_lock:
+            if self._tiled_sessions is None:
+                import onnxruntime as ort
+
+                self._tiled_sessions = {c: self._session(ort, c, self._options(ort), circular=True)
+                                        for c in tiling.TILED_COMPONENTS}
+        view = copy.copy(self)
+        view.sessions = {**self.sessions, **self._tiled_sessions}
+        return view
 
     def _run(self, component: str, feeds: dict, output: str | None = None) -> np.ndarray:
         try:
@@ -178,6 +230,54 @@ class OnnxModel:
             if is_allocation_failure(exc):
                 raise OutOfMemoryError(f"not enough memory to run the {component} of {self.info.name!r}") from exc
             raise
+
+    def token_embedding_table(self) -> np.ndarray:
+        """CLIP's token-embedding table (vocabulary × width), read from the text encoder's file."""
+        from .onnx_tensors import read_initializer
+        return read_initializer(self.info.path / "text_encoder" / "model.onnx", TOKEN_EMBEDDING)
+
+    def set_embeddings(self, vocabulary) -> None:
+        """Let prompts use these textual-inversion embeddings: the text encoder's session is made again with its
+        token-embedding table extended by their rows (an initializer override: the graph is unchanged)."""
+        self._embedding_table = vocabulary.table(self.token_embedding_table()) if vocabulary else None
+        self.sessions["text_encoder"] = self.session_with_initializers("text_encoder", {})
+        self.embeddings = vocabulary
+
+    def session_with_initializers(self, component: str, values: dict[str, np.ndarray], circular: bool = False):
+        """A session of `component` with the named initializers replaced by `values` (LoRA merges, the extended
+        token table): onnxruntime's initializer override, the graph file unchanged. The text encoder always
+        carries the current embeddings' table."""
+        import onnxruntime as ort
+
+        if component == "text_encoder" and self._embedding_table is not None:
+            values = {TOKEN_EMBEDDING: self._embedding_table, **values}
+        options = self._options(ort)
+        kept = []
+        for name, array in values.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            options.add_initializer(name, value)
+            kept.append(value)
+        session = self._session(ort, component, options, circular=circular,
+                                disabled_optimizers=OVERRIDE_BLOCKING_OPTIMIZERS)
+        session.sdfc_initializers = kept  # the session reads this memory: it must live as long as the session
+        return session
+
+    def weight_maps(self) -> dict[str, dict]:
+        """Per component, each PyTorch weight's initializer (the export's weights_map.json; {} if absent)."""
+        if self._weight_maps is None:
+            maps = {}
+            for component in ("unet", "text_encoder"):
+                path = self.info.path / component / "weights_map.json"
+                if path.is_file():
+                    maps[component] = json.loads(path.read_text())["weights"]
+            self._weight_maps = maps
+        return self._weight_maps
+
+    def with_sessions(self, sessions: dict) -> "OnnxModel":
+        """A view of this model with some sessions replaced (a LoRA set's), sharing everything else."""
+        view = copy.copy(self)
+        view.sessions = {**self.sessions, **sessions}
+        return view
 
     def encode_tokens(self, input_ids: np.ndarray, clip_skip: int = 1) -> np.ndarray:
         """Hidden states; with CLIP skip N > 1, layer −N's output through the final layer norm (A1111)."""

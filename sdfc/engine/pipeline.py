@@ -17,8 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import hires as hires_mod
+from . import inpaint as inpaint_mod
 from . import samplers as samplers_mod
 from . import schedules
+from . import embeddings as embeddings_mod
+from . import lora as lora_mod
 from .brownian import BrownianNoise
 from .conditioning import BatchConditioning, PromptEncoder
 from . import memory
@@ -66,7 +70,15 @@ class GenerationRequest:
     model: str | None = None       # name, title or hash; None: the engine's current model
     init_images: list[Image.Image] | None = None  # img2img when given
     denoising_strength: float = 0.75
-    resize_mode: int = 0
+    resize_mode: int = 0             # 0-3 as A1111 (init_image.py)
+    mask: Image.Image | None = None  # inpainting: white is repainted (inpaint.py)
+    latent_mask: Image.Image | None = None  # A1111's p.latent_mask: the mask of the latent blend and the fill
+    inpaint: inpaint_mod.InpaintOptions = field(default_factory=inpaint_mod.InpaintOptions)
+    initial_noise_multiplier: float = 1.0  # img2img: the initial noise scaled by this
+    tiling: bool = False           # seamless images: circular convolutions in the UNet and VAE (A1111)
+    hires: hires_mod.HiresFix | None = None  # txt2img hires fix: a second pass at a larger size (hires.py)
+    img2img_fix_steps: bool = False  # A1111's option: img2img runs exactly `steps` steps (hires always does)
+    hires_base_steps: int | None = None  # set on a hires second pass: the first pass's prompt-schedule steps
 
 
 @dataclass
@@ -82,6 +94,7 @@ class GenerationResult:
     model: ModelInfo
     request: GenerationRequest
     interrupted: bool = False
+    extra_generation_params: dict = field(default_factory=dict)  # infotext entries the job added (A1111's)
 
 
 @dataclass
@@ -95,6 +108,7 @@ class JobControl:
     current_latent: np.ndarray | None = None
     interrupted: bool = False
     skipped: bool = False
+    embeddings_used: list[str] = field(default_factory=list)  # textual-inversion names the prompts used
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def interrupt(self) -> None:
@@ -133,6 +147,8 @@ class CFGDenoiser:
         self.cfg_scale = float(cfg_scale)
         self.control = control
         self.calls = 0
+        self.blend: inpaint_mod.LatentBlend | None = None  # inpainting: holds the known area (inpaint.py)
+        self.image_cond: np.ndarray | None = None  # an inpainting UNet's 5 extra input channels per image
 
     def _outputs(self, x_in: np.ndarray, t: float):
         """Raw UNet outputs for the cond rows and the uncond rows, and which rows belong to which image."""
@@ -140,6 +156,8 @@ class CFGDenoiser:
         cond, weights, uncond = self.conditioning.at(self.calls)
         self.calls += 1
         image_of_row = [i for i, rows in enumerate(weights) for _ in rows]
+        if self.image_cond is not None:  # the conditioning rides along unscaled, cond and uncond alike
+            x_in = np.concatenate([x_in, self.image_cond.astype(x_in.dtype)], axis=1)
         x_cond = x_in[image_of_row]
         if cond.shape[1:] == uncond.shape[1:]:
             out = self.model.unet(np.concatenate([x_cond, x_in]), t, np.concatenate([cond, uncond]))
@@ -201,10 +219,19 @@ def validate(req: GenerationRequest) -> tuple[samplers_mod.Sampler, schedules.Sc
     _positive_int("steps", req.steps)
     _positive_int("batch_size", req.batch_size)
     _positive_int("n_iter", req.n_iter)
+    if not isinstance(req.tiling, bool):
+        raise InvalidRequestError(f"tiling must be true or false, got {req.tiling!r}")
     if not math.isfinite(req.cfg_scale):
         raise InvalidRequestError(f"cfg_scale must be a finite number, got {req.cfg_scale!r}")
     if req.init_images is not None and not 0 <= req.denoising_strength <= 1:
         raise InvalidRequestError(f"denoising_strength must be between 0 and 1, got {req.denoising_strength}")
+    if req.init_images is not None:
+        if req.resize_mode not in (0, 1, 2, 3) or isinstance(req.resize_mode, bool):
+            raise InvalidRequestError(f"resize_mode must be 0, 1, 2 or 3, got {req.resize_mode!r}")
+        mult = req.initial_noise_multiplier
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 <= mult < math.inf:
+            raise InvalidRequestError(f"initial_noise_multiplier must be a finite number of at least 0, got {mult!r}")
+        inpaint_mod.validate(req.inpaint)
     if req.noise_source not in NOISE_SOURCES:
         raise InvalidRequestError(f"unknown noise source {req.noise_source!r}; valid: {', '.join(NOISE_SOURCES)}")
     labels = [s.label for s in schedules.SCHEDULES]
@@ -216,26 +243,19 @@ def validate(req: GenerationRequest) -> tuple[samplers_mod.Sampler, schedules.Sc
             else schedules.find_schedule(scheduler)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
+    if req.hires is not None:
+        hires_mod.validate(req, sampler)
     return sampler, schedule
-
-
-def _to_image_array(image: Image.Image, width: int, height: int, resize_mode: int) -> np.ndarray:
-    """An init image as (3, H, W) in [-1, 1] at the job's size (A1111 'Just resize' with Lanczos)."""
-    if resize_mode != 0:
-        raise InvalidRequestError(f"resize_mode {resize_mode} is not supported yet; use 0 (Just resize)")
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return np.moveaxis(array, 2, 0) * 2.0 - 1.0
 
 
 class Engine:
     """Loads models from a folder once and runs generation jobs, one at a time per caller's lock."""
 
     def __init__(self, models_dir: str | Path, device: str = "cpu", default_model: str | None = None,
-                 threads: int = 0):
+                 threads: int = 0, embeddings_dir: str | Path | None = None, lora_dir: str | Path | None = None):
         self.models_dir = Path(models_dir)
+        self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None  # textual inversion
+        self.loras = lora_mod.LoraLibrary(Path(lora_dir) if lora_dir else None)
         self.device = device
         self.threads = threads
         self.available = scan_models(self.models_dir)
@@ -244,6 +264,7 @@ class Engine:
         # Memory headroom, measured once after the first model load (then runtime and weights are counted).
         self._headroom: int | None = None
         self._measured_with: frozenset[str] = frozenset()
+        self._measured_tiled: frozenset[str] = frozenset()  # models whose seamless sessions were built then
         self._headroom_measured = False
         self.current = self.find_model(default_model) if default_model else self.available[0]
 
@@ -261,12 +282,29 @@ class Engine:
         info = self.find_model(wanted) if wanted else self.current
         with self._lock:
             if info.name not in self._loaded:
-                self._loaded[info.name] = OnnxModel(info, self.device, self.threads)
+                model = OnnxModel(info, self.device, self.threads)
+                embeddings_mod.sync_embeddings(model, self.embeddings_dir)
+                self._loaded[info.name] = model
             return self._loaded[info.name]
 
-    def memory_budget(self, info: ModelInfo) -> int | None:
+    def refresh_loras(self) -> None:
+        """POST /refresh-loras: read the LoRA folder again."""
+        self.loras.refresh()
+
+    def refresh_embeddings(self) -> None:
+        """POST /refresh-embeddings: read the folder again for every loaded model."""
+        with self._lock:
+            for model in self._loaded.values():
+                embeddings_mod.sync_embeddings(model, self.embeddings_dir, force=True)
+
+    def embeddings_of(self, wanted: str | None = None) -> embeddings_mod.EmbeddingDatabase:
+        """The embeddings the model `wanted` (default: the current one) loads and skips."""
+        return self.load(wanted).embeddings.db
+
+    def memory_budget(self, info: ModelInfo, tiling: bool = False) -> int | None:
         """Bytes one job with model `info` may use: a share of what was free once a model was loaded, less
-        the weights of every model loaded (or to be loaded for `info`) since. None: no figure for this device.
+        the weights of every model loaded (or to be loaded for `info`) since, and of every seamless session set
+        built (or to be built for a `tiling` job) since. None: no figure for this device.
         Measured once, so that the answer does not drift with what the arena keeps between jobs."""
         if not self._headroom_measured:
             self.load(info.name)
@@ -274,13 +312,20 @@ class Engine:
                 if not self._headroom_measured:
                     self._headroom = memory.headroom(self.device)
                     self._measured_with = frozenset(self._loaded)
+                    self._measured_tiled = self._tiled_models()
                     self._headroom_measured = True
                     log.info("memory headroom after loading %s: %s bytes", info.name, self._headroom)
         if self._headroom is None:
             return None
         later = (set(self._loaded) | {info.name}) - self._measured_with
         weights = sum(i.memory.weights_bytes for i in self.available if i.name in later)
+        with self._lock:
+            tiled = (self._tiled_models() | ({info.name} if tiling else set())) - self._measured_tiled
+        weights += sum(i.memory.tiled_weights_bytes for i in self.available if i.name in tiled)
         return max(0, int(memory.BUDGET_FRACTION * (self._headroom - weights)))
+
+    def _tiled_models(self) -> frozenset[str]:
+        return frozenset(name for name, model in self._loaded.items() if model.tiled_resident)
 
     def unload(self) -> None:
         with self._lock:
@@ -297,56 +342,82 @@ class Engine:
     def _generate(self, req: GenerationRequest, control: JobControl) -> GenerationResult:
         sampler, schedule = validate(req)
         model = self.load(req.model)
+        # Embedding files added, replaced or removed since the last job reach this one (as A1111). Only here,
+        # between jobs (the API's queue runs one at a time), so that no job sees the table change under it.
+        embeddings_mod.sync_embeddings(model, self.embeddings_dir)
+        networks = lora_mod.parse_networks(req.prompt)  # as A1111: the batch's first prompt's LoRAs
+        if req.tiling:
+            model = model.tiled()  # every UNet and VAE call below (encode and decode) wraps around
+        lora_infotext = {}
+        if networks:  # the UNet and text encoder with these LoRAs merged (sessions cached per set)
+            model, lora_infotext = model.loras.model_with(model, networks, self.loras, circular=req.tiling)
         seed, subseed = resolve_seed(req.seed), resolve_seed(req.subseed)
         total = req.batch_size * req.n_iter
         seeds = [seed + (0 if req.subseed_strength else i) for i in range(total)]
         subseeds = [subseed + i for i in range(total)]
-        init_latent = None
+        img2img = None
         if req.init_images is not None:
             if not req.init_images:
                 raise InvalidRequestError("init_images is empty: img2img needs at least one image")
-            pixels = np.stack([_to_image_array(im, req.width, req.height, req.resize_mode)
-                               for im in req.init_images])
-            init_latent = model.vae_encode(pixels)
+            # Resize modes, mask, masked content, inpainting conditioning: one batch's worth (inpaint.py).
+            img2img = inpaint_mod.prepare(req, model.vae_encode, model.info.unet_in_channels,
+                                          seeds[:req.batch_size])
         images, floats, interrupted = [], [], False
-        control.job_count, control.job_no = req.n_iter, 0
+        passes = 2 if req.hires is not None else 1  # as A1111: the hires pass is a job of its own
+        control.job_count, control.job_no = req.n_iter * passes, 0
         for n in range(req.n_iter):
             if control.interrupted:
                 break
             control.skipped = False
-            control.job_no = n
+            control.job_no = n * passes
             batch = slice(n * req.batch_size, (n + 1) * req.batch_size)
-            latent_init = None
-            if init_latent is not None:
-                # As A1111: the init images repeat over the batch when fewer than batch_size were sent.
-                idx = [i % len(init_latent) for i in range(req.batch_size)]
-                latent_init = init_latent[idx]
+            latent_init = img2img.init_latent if img2img is not None else None
             latents, stopped = self._sample_batch(model, req, sampler, schedule, seeds[batch],
-                                                  subseeds[batch], latent_init, control)
+                                                  subseeds[batch], latent_init, control, img2img=img2img)
+            if req.hires is not None:
+                latents, stopped = hires_mod.second_pass(self, model, req, sampler, schedule, seeds[batch],
+                                                         subseeds[batch], latents, control)
             interrupted |= stopped and control.interrupted
-            for latent in latents:
+            for row, latent in enumerate(latents):
                 image = self._decode(model, latent)
                 floats.append(image)
-                images.append(Image.fromarray((image * 255).astype(np.uint8)))
+                image = Image.fromarray((image * 255).astype(np.uint8))
+                # Inpainting: the original laid back over everything outside the mask.
+                images.append(img2img.finish(image, row) if img2img is not None else image)
         control.sampling_step = control.sampling_steps
         return GenerationResult(
             images=images, float_images=floats, seeds=seeds[: len(images)], subseeds=subseeds[: len(images)],
             prompts=[req.prompt] * len(images), negative_prompts=[req.negative_prompt] * len(images),
             sampler_name=sampler.name, schedule_label=schedule.label if schedule else None,
             model=model.info, request=req, interrupted=interrupted,
+            extra_generation_params={**(img2img.infotext if img2img is not None else {}), **lora_infotext,
+                                     **embeddings_mod.infotext(control.embeddings_used, model.embeddings)},
         )
 
-    def _sample_batch(self, model, req, sampler, schedule, seeds, subseeds, init_latent, control):
+    def _sample_batch(self, model, req, sampler, schedule, seeds, subseeds, init_latent, control,
+                      img2img: inpaint_mod.Img2ImgInit | None = None):
         shape = (4, req.height // 8, req.width // 8)
         rng = ImageRNG(shape, seeds, subseeds=subseeds, subseed_strength=req.subseed_strength,
                        seed_resize_from_h=req.seed_resize_from_h, seed_resize_from_w=req.seed_resize_from_w,
                        source=req.noise_source, eta_noise_seed_delta=req.eta_noise_seed_delta)
         noise = rng.first()
+        if img2img is not None and req.initial_noise_multiplier != 1.0:
+            noise = noise * np.float32(req.initial_noise_multiplier)  # A1111: the first noise only
         encoder = PromptEncoder(model, emphasis=req.emphasis, clip_skip=req.clip_skip,
                                 comma_padding_backtrack=req.comma_padding_backtrack)
-        steps = sampler.prompt_schedule_steps(req.steps)
-        conditioning = encoder.batch([req.prompt] * len(seeds), [req.negative_prompt] * len(seeds), steps)
+        steps, hires_steps = sampler.prompt_schedule_steps(req.steps), None
+        if req.hires_base_steps is not None:  # a hires second pass: prompt editing counts in both passes (§1.2)
+            steps, hires_steps = req.hires_base_steps, steps
+        conditioning = encoder.batch([req.prompt] * len(seeds), [req.negative_prompt] * len(seeds), steps,
+                                     hires_steps)
+        control.embeddings_used.extend(encoder.chunker.used_embeddings)
         denoiser = CFGDenoiser(model, conditioning, req.cfg_scale, control)
+        if img2img is not None:
+            denoiser.blend, denoiser.image_cond = img2img.blend, img2img.image_cond
+        if denoiser.image_cond is None and model.info.unet_in_channels == inpaint_mod.INPAINT_UNET_CHANNELS:
+            # txt2img (or a hires pass) on an inpainting UNet: everything is to be painted.
+            denoiser.image_cond = inpaint_mod.txt2img_conditioning(model.vae_encode, len(seeds),
+                                                                   req.width, req.height)
         control.current_latent = None
 
         def on_step(info: dict) -> None:
@@ -363,21 +434,27 @@ class Engine:
             # As A1111: an interrupted batch still returns an image, from the last prediction.
             x = control.current_latent if control.current_latent is not None else noise
             stopped = True
+        if denoiser.blend is not None:
+            x = denoiser.blend(x)  # as A1111: the known area is the init latent's, exactly
         if np.isnan(x).all():
             raise NaNError("a tensor with all NaNs was produced by the UNet (try fp32 or a lower cfg_scale)")
         return x, stopped
 
     def _run_sigmas(self, model, req, sampler, schedule, noise, init_latent, rng, denoiser, control, on_step):
         schedule = schedule or schedules.find_schedule(sampler.default_schedule)
+        blend = denoiser.blend
         model_sigmas = model.sigmas
         if sampler.model_wrap == "lcm":  # LCM: its own 50-timestep table and output scaling (§3.8)
             model_sigmas = schedules.LCMSigmas(model.sigmas.alphas_cumprod)
             denoiser = samplers_mod.LCMDenoiser(denoiser.eps, model_sigmas)
-        full = schedule.sigmas(req.steps, model_sigmas, sampler.discard_next_to_last_sigma)
+        if blend is not None:  # k-diffusion: the denoised prediction is blended (A1111)
+            denoiser = blend.after(denoiser)
+        n, t_enc = samplers_mod.img2img_plan(req.steps, req.denoising_strength, req.img2img_fix_steps) \
+            if init_latent is not None else (req.steps, None)
+        full = schedule.sigmas(n, model_sigmas, sampler.discard_next_to_last_sigma)
         sigmas = full
         if init_latent is not None:
-            t_enc = samplers_mod.img2img_steps(req.steps, req.denoising_strength)
-            sigmas = full[req.steps - t_enc - 1:]
+            sigmas = full[n - t_enc - 1:]
             x = init_latent + noise * sigmas[0]
         else:
             x = noise * sigmas[0]
@@ -407,10 +484,11 @@ class Engine:
         return sampler.function(denoiser, x, callback=on_step, **kwargs)
 
     def _run_timesteps(self, model, req, sampler, noise, init_latent, rng, denoiser, control, on_step):
-        timesteps = samplers_mod.ddim_timesteps(req.steps, model.num_train_timesteps)
+        n, t_enc = samplers_mod.img2img_plan(req.steps, req.denoising_strength, req.img2img_fix_steps) \
+            if init_latent is not None else (req.steps, None)
+        timesteps = samplers_mod.ddim_timesteps(n, model.num_train_timesteps)
         ac = model.sigmas.alphas_cumprod
         if init_latent is not None:
-            t_enc = samplers_mod.img2img_steps(req.steps, req.denoising_strength)
             a = np.float32(ac[timesteps[t_enc]])
             x = init_latent * np.sqrt(a) + noise * np.sqrt(np.float32(1) - a)
             timesteps = timesteps[:t_enc]
@@ -425,6 +503,8 @@ class Engine:
         eps_model = denoiser.eps
         if sampler.model_wrap == "cfg++":  # DDIM CFG++: scale ÷ 12.5 and the uncond ε (§3.4)
             eps_model = lambda x, t: denoiser.eps_pair(x, t, 1 / 12.5)  # noqa: E731
+        if denoiser.blend is not None:  # DDIM family: the UNet's input x is blended (mask_before_denoising)
+            eps_model = denoiser.blend.before(eps_model)
         return sampler.function(eps_model, x, timesteps, ac, rng.next, on_step, **kwargs)
 
     @staticmethod

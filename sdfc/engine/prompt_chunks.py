@@ -123,8 +123,11 @@ class PromptChunker:
 
     def __init__(self, encode_fn: EncodeFn, comma_token: int = SD1_COMMA, bos: int = SD1_BOS,
                  eos: int = SD1_EOS, pad: int = SD1_EOS, chunk_length: int = 75,
-                 comma_padding_backtrack: int = 20):
+                 comma_padding_backtrack: int = 20, embeddings=None):
         self.encode_fn = encode_fn
+        # Textual-inversion embeddings (sdfc/engine/embeddings.py EmbeddingVocabulary), and the names used.
+        self.embeddings = embeddings
+        self.used_embeddings: list[str] = []
         self.comma_token = comma_token
         self.bos, self.eos, self.pad = bos, eos, pad
         self.chunk_length = chunk_length
@@ -144,8 +147,22 @@ class PromptChunker:
             if is_break_marker((fragment_text, weight)):
                 builder.close_chunk()
                 continue
-            for token in tokens:
-                builder.add(token, weight)
+            position = 0
+            while position < len(tokens):
+                builder.prepare(tokens[position])
+                embedding, name_length = self.embeddings.find(tokens, position) if self.embeddings else (None, None)
+                if embedding is None:
+                    builder.append(tokens[position], weight)
+                    position += 1
+                    continue
+                # As A1111: an embedding's vectors stay in one chunk, each with the fragment's weight.
+                ids = self.embeddings.ids[embedding.name]
+                if len(builder.current.tokens) + len(ids) > self.chunk_length:
+                    builder.close_chunk()
+                for token in ids:
+                    builder.append(token, weight)
+                self.used_embeddings.append(embedding.name)
+                position += name_length
         return builder.finish()
 
     def empty_chunk(self) -> Chunk:
@@ -186,14 +203,16 @@ class _ChunkBuilder:
         self.current = Chunk()
         self.last_comma = -1
 
-    def add(self, token: int, weight: float) -> None:
-        length = self.chunker.chunk_length
+    def prepare(self, token: int) -> None:
+        """Before the token at this position: comma bookkeeping, back-off to a comma, a full chunk closed."""
         if token == self.chunker.comma_token:
             self.last_comma = len(self.current.tokens)
         elif self._should_back_off_to_comma():
             self._move_words_after_comma_to_next_chunk()
-        if len(self.current.tokens) == length:
+        if len(self.current.tokens) == self.chunker.chunk_length:
             self.close_chunk()
+
+    def append(self, token: int, weight: float) -> None:
         self.current.tokens.append(token)
         self.current.multipliers.append(weight)
 

@@ -835,3 +835,11 @@ def img2img_steps(steps: int, denoising_strength: float) -> int:
     """t_enc: how many of `steps` an img2img job runs (A1111's default, without img2img_fix_steps)."""
     return int(min(denoising_strength, 0.999) * steps)
 
+
+def img2img_plan(steps: int, denoising_strength: float, fixed: bool = False) -> tuple[int, int]:
+    """(schedule length, t_enc) of an img2img job: A1111's setup_img2img_steps. `fixed` (option
+    img2img_fix_steps, and every hires second pass) stretches the schedule so that exactly `steps` run."""
+    if not fixed:
+        return steps, img2img_steps(steps, denoising_strength)
+    return (int(steps / min(denoising_strength, 0.999)) if denoising_strength > 0 else 0), steps - 1
+

@@ -55,7 +55,7 @@ def task_view(task: dict) -> dict:
         "steps": task["steps"] or 0, "eta": round(task["eta"], 3) if task["eta"] is not None else None,
         "created_at": _iso(task["created_at"]), "started_at": _iso(task["started_at"]),
         "finished_at": _iso(task["finished_at"]), "error": task["error"], "user": task["user"],
-        "gpu_seconds": task["gpu_seconds"], "cost": task["cost"],
+        "gpu_seconds": task["gpu_seconds"], "cost": task["cost"], "loss": task["loss"],
     }
 
 
@@ -126,6 +126,27 @@ def submit_txt2img():
 @bp.post("/sdapi/v2/tasks/img2img")
 def submit_img2img():
     return _submit_route("img2img")
+
+
+def _submit_training(kind: str):
+    """A training job (sdfc/training/tasks.py validates it; the runner runs it)."""
+    from ..api.routes import body_json
+    from ..training.tasks import KINDS, validate
+
+    settings = current_app.extensions["sdfc"].settings
+    values = validate(body_json(), settings.training_dir, getattr(settings, KINDS[kind][2]), kind)
+    task, _ = submit(kind, values)
+    return json_response({"task_id": task["id"], "status": task["status"]}, 202)
+
+
+@bp.post("/sdapi/v2/tasks/train-lora")
+def submit_train_lora():
+    return _submit_training("train-lora")
+
+
+@bp.post("/sdapi/v2/tasks/train-embedding")
+def submit_train_embedding():
+    return _submit_training("train-embedding")
 
 
 @status_bp.get("/sdapi/v2/tasks/<task_id>")

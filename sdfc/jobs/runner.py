@@ -57,6 +57,7 @@ class TaskControl(JobControl):
     last step sampled (the engine reports every step done once a job ends, interrupted or not)."""
     cancel_seen: bool = False
     last_step: int = 0
+    loss: float | None = None  # a training task's last loss
 
     def cancel(self) -> None:
         self.cancel_seen = True
@@ -65,6 +66,11 @@ class TaskControl(JobControl):
     def _step(self, step: int, latent) -> None:
         super()._step(step, latent)
         self.last_step = step
+
+    def report_training(self, step: int, steps: int, loss: float | None) -> None:
+        """A training task's progress: its optimiser steps as the job's steps, and the loss."""
+        self.job_count, self.sampling_steps, self.loss = 1, steps, loss
+        self._step(step, None)
 
 
 class TaskRunner:
@@ -99,8 +105,12 @@ class TaskRunner:
         try:
             values = json.loads(self.outputs.get(task["payload_key"]))
             with self.api.track():  # a drain waits for tasks as for requests
-                body = run_generation(self.api, values, task["type"], request_id=task_id, control=control,
-                                      user=task["user"] or "", task_id=task_id)
+                if task["type"].startswith("train-"):  # sdfc/training: LoRA and embedding training
+                    from ..training.tasks import run_training_task
+                    body = run_training_task(self.api, values, control, task["type"])
+                else:
+                    body = run_generation(self.api, values, task["type"], request_id=task_id, control=control,
+                                          user=task["user"] or "", task_id=task_id)
             # A user's cancel keeps what A1111's interrupt returns (the image so far); so does /interrupt.
             status, outcome, error = 200, ("cancelled" if control.cancel_seen else "succeeded"), None
             if control.interrupted and not control.cancel_seen and self.api.draining:
@@ -128,7 +138,7 @@ class TaskRunner:
         self.outputs.put(key, json.dumps({"status": status, "body": body}).encode("utf-8"))
         if not self.store.finish(task_id, self.instance, outcome, result_key=key, error=error,
                                  gpu_seconds=seconds, cost=self.pricing.cost(seconds), step=control.last_step,
-                                 steps=control.sampling_steps or None):
+                                 steps=control.sampling_steps or None, loss=control.loss):
             log.warning("task %s was taken from this instance (lease expired) before it finished", task_id)
         return outcome
 
@@ -152,7 +162,8 @@ class TaskRunner:
                         fresh = self._store_preview(task_id, control, preview)
                         preview = fresh or preview
                     cancelled = self.store.heartbeat(task_id, self.instance, self.lease_s, control.last_step,
-                                                     control.sampling_steps, done, eta, preview_key=fresh)
+                                                     control.sampling_steps, done, eta, preview_key=fresh,
+                                                     loss=control.loss)
                 else:
                     cancelled = self.store.cancel_requested(task_id)
                 if cancelled:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 TABLE = "generation_tasks"
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
-TYPES = ("txt2img", "img2img")
+TYPES = ("txt2img", "img2img", "train-lora", "train-embedding")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ COLUMNS = (
     _int("attempts"),
     _int("cancel_requested"),
     _real("gpu_seconds"), _real("cost"),
+    _real("loss"),                      # a training task's last loss
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 

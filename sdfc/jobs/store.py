@@ -157,14 +157,16 @@ class TaskStore:
         return None
 
     def heartbeat(self, task_id: str, instance: str, lease_s: float, step: int, steps: int, progress: float,
-                  eta: float | None, preview_key: str | None = None, now: float | None = None) -> bool:
+                  eta: float | None, preview_key: str | None = None, now: float | None = None,
+                  loss: float | None = None) -> bool:
         """Record progress and extend the lease; True when someone asked to cancel the task."""
         now = time.time() if now is None else now
         p = self.p
         self._run(f"UPDATE `{TABLE}` SET `step` = {p}, `steps` = {p}, `progress` = {p}, `eta` = {p}, "
-                  f"`preview_key` = COALESCE({p}, `preview_key`), `heartbeat_at` = {p}, `lease_until` = {p} "
+                  f"`preview_key` = COALESCE({p}, `preview_key`), `loss` = COALESCE({p}, `loss`), "
+                  f"`heartbeat_at` = {p}, `lease_until` = {p} "
                   f"WHERE `id` = {p} AND `status` = 'running' AND `instance` = {p}",
-                  (step, steps, progress, eta, preview_key, now, now + lease_s, task_id, instance))
+                  (step, steps, progress, eta, preview_key, loss, now, now + lease_s, task_id, instance))
         return self.cancel_requested(task_id)
 
     def cancel_requested(self, task_id: str) -> bool:
@@ -173,7 +175,8 @@ class TaskStore:
 
     def finish(self, task_id: str, instance: str, status: str, result_key: str | None = None,
                error: str | None = None, gpu_seconds: float | None = None, cost: float | None = None,
-               step: int | None = None, steps: int | None = None, now: float | None = None) -> bool:
+               step: int | None = None, steps: int | None = None, now: float | None = None,
+               loss: float | None = None) -> bool:
         """The final state, from the instance that ran it (`step`: the last one sampled, when known)."""
         assert status in schema.FINISHED
         now = time.time() if now is None else now
@@ -181,9 +184,10 @@ class TaskStore:
         return self._run(f"UPDATE `{TABLE}` SET `status` = {p}, `result_key` = {p}, `error` = {p}, "
                          f"`gpu_seconds` = {p}, `cost` = {p}, `finished_at` = {p}, `lease_until` = NULL, "
                          f"`step` = COALESCE({p}, `step`), `steps` = COALESCE({p}, `steps`), "
+                         f"`loss` = COALESCE({p}, `loss`), "
                          f"`progress` = CASE WHEN {p} = 'succeeded' THEN 1 ELSE `progress` END "
                          f"WHERE `id` = {p} AND `status` = 'running' AND `instance` = {p}",
-                         (status, result_key, error, gpu_seconds, cost, now, step, steps, status, task_id,
+                         (status, result_key, error, gpu_seconds, cost, now, step, steps, loss, status, task_id,
                           instance)) == 1
 
     def release(self, task_id: str, instance: str) -> bool:

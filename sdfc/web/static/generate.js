@@ -3,6 +3,7 @@
 // GET /sdapi/v2/tasks/<id>/result. All of it is read from the task store, so any instance may answer.
 import { api, showError, sleep } from "./api.js";
 import { setupI18n, t } from "./i18n.js";
+import { MaskEditor } from "./mask.js";
 
 const $ = (id) => document.getElementById(id);
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -14,6 +15,7 @@ let mode = "txt2img";
 let models = [];
 let currentTask = null;
 let lastStatus = null;
+let mask = null;
 
 setupI18n(() => { if (lastStatus) lastStatus(); relabelResults(); });
 init().catch((error) => showError($("error"), error));
@@ -36,6 +38,8 @@ async function init() {
   });
   $("seed-reuse").disabled = localStorage.getItem(LAST_SEED) === null;
   $("init_image").addEventListener("change", showInitImage);
+  mask = new MaskEditor($("mask"), $("brush"));
+  $("mask-clear").addEventListener("click", () => mask.clear());
   $("form").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
   $("interrupt").addEventListener("click", interrupt);
   fillFromQuery(new URLSearchParams(location.search));
@@ -71,8 +75,11 @@ function setMode(next) {
 function showInitImage() {
   const file = $("init_image").files[0];
   const img = $("init_preview");
-  if (!file) { img.hidden = true; return; }
-  readAsDataUrl(file).then((url) => { img.src = url; img.hidden = false; });
+  if (!file) { $("mask-editor").hidden = true; return; }
+  readAsDataUrl(file).then((url) => {
+    img.onload = () => { mask.reset(img.naturalWidth, img.naturalHeight); $("mask-editor").hidden = false; };
+    img.src = url;
+  });
 }
 
 function readAsDataUrl(file) {
@@ -117,6 +124,15 @@ async function payload() {
     if (!file) throw new Error(t("need_image"));
     body.init_images = [await readAsDataUrl(file)];
     body.denoising_strength = Number($("denoising_strength").value);
+    body.resize_mode = int("resize_mode");
+    const painted = mask.toDataUrl();
+    if (painted) {
+      body.mask = painted;
+      body.mask_blur = int("mask_blur");
+      body.inpainting_mask_invert = int("inpainting_mask_invert");
+      body.inpainting_fill = int("inpainting_fill");
+      body.inpaint_full_res = $("inpaint_full_res").value === "1";
+    }
   }
   return body;
 }

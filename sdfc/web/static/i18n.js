@@ -14,6 +14,12 @@ const STRINGS = {
     cost: "Cost", prev: "Previous", next: "Next", page: "Page {page} of {pages}", total: "{total} images",
     details: "Details", reuse: "Reuse these parameters", close: "Close", none: "No images yet",
     open_details: "Details of image {id}", live_preview: "Live preview", send_to_img2img: "Send to img2img",
+    resize_mode: "Resize mode", "resize.0": "Just resize", "resize.1": "Crop and resize", "resize.2": "Resize and fill",
+    "resize.3": "Just resize (latent upscale)", "mask.hint": "Paint over the part to redraw (optional: no paint, no mask).",
+    "mask.brush": "Brush size", "mask.blur": "Mask blur", "mask.mode": "Mask mode", "mask.mode.0": "Inpaint masked",
+    "mask.mode.1": "Inpaint not masked", "mask.fill": "Masked content", "mask.fill.0": "fill", "mask.fill.1": "original",
+    "mask.fill.2": "latent noise", "mask.fill.3": "latent nothing", "mask.area": "Inpaint area",
+    "mask.area.0": "Whole picture", "mask.area.1": "Only masked", "mask.clear": "Clear mask", mask: "Mask",
   },
   zh: {
     "nav.generate": "生成", "nav.images": "图库", "tab.txt2img": "文生图", "tab.img2img": "图生图",
@@ -29,6 +35,12 @@ const STRINGS = {
     cost: "费用", prev: "上一页", next: "下一页", page: "第 {page} / {pages} 页", total: "共 {total} 张",
     details: "详情", reuse: "使用这些参数", close: "关闭", none: "还没有图片",
     open_details: "图片 {id} 的详情", live_preview: "实时预览", send_to_img2img: "发送到图生图",
+    resize_mode: "缩放模式", "resize.0": "仅调整大小", "resize.1": "裁剪后缩放", "resize.2": "缩放后填充空白",
+    "resize.3": "调整大小（潜空间放大）", "mask.hint": "涂抹需要重绘的部分（可选：不涂抹即不使用蒙版）。",
+    "mask.brush": "画笔大小", "mask.blur": "蒙版边缘模糊度", "mask.mode": "蒙版模式", "mask.mode.0": "重绘蒙版内容",
+    "mask.mode.1": "重绘非蒙版内容", "mask.fill": "蒙版区域内容处理", "mask.fill.0": "填充", "mask.fill.1": "原图",
+    "mask.fill.2": "潜空间噪声", "mask.fill.3": "空白潜空间", "mask.area": "重绘区域",
+    "mask.area.0": "整张图片", "mask.area.1": "仅蒙版区域", "mask.clear": "清除蒙版", mask: "蒙版",
   },
 };
 const KEY = "sdfc.lang";
@@ -64,5 +76,6 @@ function apply() {
   button.setAttribute("aria-label", current === "en" ? "切换到中文" : "Switch to English");
   document.getElementById("progress")?.setAttribute("aria-label", t("progress"));
   document.getElementById("live-preview")?.setAttribute("alt", t("live_preview"));
+  document.getElementById("mask")?.setAttribute("aria-label", t("mask"));
   for (const fn of listeners) fn();
 }
