@@ -138,4 +138,6 @@ def before_call(context, case, kwargs):
             body["image"] = PNG
         if path == "/sdapi/v1/extra-batch-images" and body.get("imageList"):
             body["imageList"] = [{"data": PNG, "name": "a.png"}]
+        if path == "/sdapi/v1/train/embedding":  # square only, a rule across two fields the schema cannot state
+            body["training_height"] = body.get("training_width")
     case.body = body

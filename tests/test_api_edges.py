@@ -241,7 +241,7 @@ def test_control_routes(server, route, expected):
     assert r.status_code == 200 and r.json() == expected
 
 
-@pytest.mark.parametrize("route", ["/sdapi/v1/interrogate", "/sdapi/v1/train/embedding",
+@pytest.mark.parametrize("route", ["/sdapi/v1/interrogate", "/sdapi/v1/train/hypernetwork",
                                    "/sdapi/v1/create/hypernetwork", "/sdapi/v1/server-stop"])
 def test_unsupported_routes_say_so(server, route):
     r = post(server, route, {})

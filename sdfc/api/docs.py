@@ -30,6 +30,7 @@ from .generation import UNSUPPORTED_FLAGS
 from .img2img import IMAGE_CFG_SCALE_DEFAULT
 from .options import CHOICES, DEFAULTS, NUMBERS
 from .styles import load_styles
+from ..training.a1111 import CREATE_EMBEDDING, TRAIN_EMBEDDING_V1
 from ..training.tasks import TRAIN_EMBEDDING, TRAIN_LORA
 
 bp = Blueprint("docs", __name__)
@@ -41,6 +42,8 @@ REQUEST_MODELS = {
     "/sdapi/v2/tasks/img2img": payloads.IMG2IMG,
     "/sdapi/v2/tasks/train-lora": TRAIN_LORA,
     "/sdapi/v2/tasks/train-embedding": TRAIN_EMBEDDING,
+    "/sdapi/v1/create/embedding": CREATE_EMBEDDING,
+    "/sdapi/v1/train/embedding": TRAIN_EMBEDDING_V1,
     "/sdapi/v1/extra-single-image": payloads.EXTRAS_SINGLE,
     "/sdapi/v1/extra-batch-images": payloads.EXTRAS_BATCH,
     "/sdapi/v1/png-info": payloads.PNG_INFO,
@@ -184,6 +187,9 @@ SUCCESS = {
     "/sdapi/v1/refresh-vae": _NULL,
     "/sdapi/v1/refresh-embeddings": _NULL,
     "/sdapi/v1/refresh-loras": _NULL,
+    # A1111's CreateResponse / TrainResponse (sdfc/training/a1111.py)
+    "/sdapi/v1/create/embedding": _obj({"info": _S}, title="CreateResponse"),
+    "/sdapi/v1/train/embedding": _obj({"info": _S}, title="TrainResponse"),
     "/sdapi/v1/unload-checkpoint": _EMPTY,
     "/sdapi/v1/reload-checkpoint": _EMPTY,
     **{f"/sdapi/v1/{name}": _array({}, maxItems=0) for name in _LIST_ROUTES},
@@ -231,6 +237,12 @@ ERRORS = {
     "/sdapi/v2/tasks/img2img": {**_TASK_SUBMIT_ERRORS, "404": "no init image was sent"},
     "/sdapi/v2/tasks/train-lora": _TRAINING_ERRORS,
     "/sdapi/v2/tasks/train-embedding": _TRAINING_ERRORS,
+    "/sdapi/v1/create/embedding": {"503": "no embeddings folder is configured"},
+    "/sdapi/v1/train/embedding": {
+        "400": "a base folder that is no diffusers model, or a data_root without images (or over the limit)",
+        "404": "base or data_root names no folder inside the training-data folder, or embedding_name no "
+               "loaded embedding",
+        "501": "this instance has no torch (the serving image): train with the task route's training function"},
     "/sdapi/v2/tasks/{task_id}": {"404": "no such task (or another user's)"},
     "/sdapi/v2/tasks/{task_id}/result": {
         "400": "the task failed on a value the server could not use (the v1 route's 400)",
@@ -435,10 +447,12 @@ def _with_server_limits(schema: dict, settings) -> dict:
     for name in UPSCALER_FIELDS:
         if name in props:
             props[name]["enum"] = list(UPSCALERS) + ([None] if props[name].get("nullable") else [])
-    if "steps" in props:
+    # SDFC_MAX_STEPS and SDFC_MAX_IMAGES bound generations; training requests carry their own bounds (tasks.py)
+    generation = schema.get("title") not in (TRAIN_LORA.name, TRAIN_EMBEDDING.name, TRAIN_EMBEDDING_V1.name)
+    if "steps" in props and generation:
         _limit(props["steps"], "maximum", settings.max_steps)
     for name in ("batch_size", "n_iter"):
-        if name in props:
+        if name in props and generation:
             _limit(props[name], "maximum", settings.max_images)
             props[name]["description"] = f"batch_size × n_iter is at most {settings.max_images} (SDFC_MAX_IMAGES)"
     step = _size_step(settings)

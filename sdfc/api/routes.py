@@ -33,10 +33,8 @@ bp = Blueprint("sdapi", __name__, url_prefix="/sdapi/v1")
 
 NOT_SUPPORTED = {
     "interrogate": "interrogate (CLIP/DeepBooru captioning) is not supported by sdfc",
-    "create/embedding": "creating embeddings is not supported by sdfc",
     "create/hypernetwork": "creating hypernetworks is not supported by sdfc",
-    "train/embedding": "training is not supported by sdfc",
-    "train/hypernetwork": "training is not supported by sdfc",
+    "train/hypernetwork": "training hypernetworks is not supported by sdfc",
     "server-kill": "server control routes are not available: FC manages instances",
     "server-restart": "server control routes are not available: FC manages instances",
     "server-stop": "server control routes are not available: FC manages instances",
@@ -404,6 +402,25 @@ def refresh_embeddings():
     with state().queue:  # between jobs: no job sees its token table change under it
         state().engine.refresh_embeddings()
     return json_response(None)
+
+
+@bp.post("/create/embedding")
+def create_embedding():
+    from ..training.a1111 import create_embedding as create
+    body = body_json()
+    state().admit()  # it waits in the generation queue
+    with state().track():
+        return json_response(create(state(), body))
+
+
+@bp.post("/train/embedding")
+def train_embedding():
+    """Synchronous, as A1111's: the answer comes when training ends (sdfc/training/a1111.py)."""
+    from ..training.a1111 import train_embedding as train
+    body = body_json()
+    state().admit()  # it waits in the generation queue
+    with state().track():
+        return json_response(train(state(), body))
 
 
 @bp.post("/refresh-loras")

@@ -41,6 +41,10 @@ class EmbeddingTrainingConfig:
     buckets: bool = True
     max_images: int | None = None
     device: str | None = None
+    # Rows to start from instead of the init text's (num_vectors × width), and the steps they already had: A1111's
+    # train embedding (sdfc/training/a1111.py) continues an embedding that create embedding wrote.
+    init_vectors: np.ndarray | None = None
+    start_step: int = 0
 
 
 @dataclass
@@ -79,9 +83,15 @@ def train_embedding(config: EmbeddingTrainingConfig, progress: Callable[[int, fl
     new_ids = tokenizer.convert_tokens_to_ids(placeholders)
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows are set below
     table = text_encoder.get_input_embeddings().weight
+    if config.init_vectors is not None and tuple(config.init_vectors.shape) != (config.num_vectors, table.shape[1]):
+        raise TrainingError(f"the embedding is {config.init_vectors.shape[0]}x{config.init_vectors.shape[1]}; "
+                            f"this model's text encoder takes {config.num_vectors}x{table.shape[1]}")
     with torch.no_grad():
         for i, row in enumerate(new_ids):
-            table[row] = table[init_ids[i % len(init_ids)]] if init_ids else 0.0
+            if config.init_vectors is not None:
+                table[row] = torch.from_numpy(np.asarray(config.init_vectors[i], np.float32)).to(table.dtype)
+            else:
+                table[row] = table[init_ids[i % len(init_ids)]] if init_ids else 0.0
     original = table.detach().clone()
     trained_rows = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
     trained_rows[new_ids] = True
@@ -115,8 +125,8 @@ def train_embedding(config: EmbeddingTrainingConfig, progress: Callable[[int, fl
         if progress is not None:
             progress(result.steps_done, result.losses[-1])
     vectors = table.detach()[new_ids].to(torch.float32).cpu().contiguous()
-    metadata = {"name": name, "step": str(result.steps_done), "sd_checkpoint_name": Path(config.base).name,
-                "init_text": config.init_text, "learning_rate": str(config.learning_rate),
+    metadata = {"name": name, "step": str(config.start_step + result.steps_done),
+                "sd_checkpoint_name": Path(config.base).name, "init_text": config.init_text, "learning_rate": str(config.learning_rate),
                 "trained_at": str(time.time())}
     result.path = _write(Path(config.output), {"emb_params": vectors}, metadata)
     log.info("embedding %s written after %d steps (loss %.5f)", name, result.steps_done, result.final_loss)

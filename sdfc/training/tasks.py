@@ -8,6 +8,7 @@ No torch here at import: the API validates requests in the serving image.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import secrets
 from pathlib import Path
@@ -132,15 +133,19 @@ def training_config(kind: str, values: dict, training_dir: Path, out_dir: Path):
                               **common)
 
 
-def run_training_task(state, values: dict, control, kind: str = TASK_TYPE) -> dict:
+def run_training_task(state, values: dict, control, kind: str = TASK_TYPE, config_overrides: dict | None = None
+                      ) -> dict:
     """Run a validated request for the task runner; the result body. `control` is the task's JobControl:
-    training reports its steps (and loss) through it and stops when it is interrupted."""
+    training reports its steps (and loss) through it and stops when it is interrupted. `config_overrides`: trainer
+    settings no task field names (A1111's /train/embedding continues an existing embedding: sdfc/training/a1111.py)."""
     _, name_field, folder, noun = KINDS[kind]
     settings = state.settings
     out_dir = getattr(settings, folder)
     try:
         values = validate(values, settings.training_dir, out_dir, kind)  # the folders may have changed since
         config = training_config(kind, values, settings.training_dir, out_dir)
+        if config_overrides:
+            config = dataclasses.replace(config, **config_overrides)
     except ValidationFailed as exc:
         raise ApiError(422, f"{exc.details[0]['loc'][-1]}: {exc.details[0]['msg']}", error="ValidationError") from None
     missing = [m for m in ("torch", "diffusers", "transformers", "peft") if importlib.util.find_spec(m) is None]
