@@ -16,8 +16,7 @@ names it concerns (a LoRA made for another architecture). LoHa/LoKr/DoRA and koh
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import logging
 import re
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidRequestError
-from .safetensors_file import SafetensorsError, read_safetensors
+from .safetensors_file import SafetensorsError, data_sha256, read_metadata, read_safetensors
 
 log = logging.getLogger("sdfc.engine")
 
@@ -90,13 +89,7 @@ def parse_networks(prompt: str) -> list[NetworkUse]:
 
 def addnet_hash(path: Path) -> str:
     """kohya's / A1111's LoRA hash: sha256 of the file after its safetensors header (metadata edits keep it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        f.seek(8 + size)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return data_sha256(path)
 
 
 @dataclass
@@ -104,7 +97,11 @@ class LoraFile:
     name: str
     path: Path
     metadata: dict
-    hash: str
+
+    @functools.cached_property
+    def hash(self) -> str:
+        # Read on first use, not for every file of the folder when the engine starts (LoRAs are often GBs on NAS).
+        return addnet_hash(self.path)
 
     @property
     def alias(self) -> str:
@@ -135,7 +132,7 @@ class LoraLibrary:
                 if any(part.startswith(".") for part in path.relative_to(self.folder).parts):
                     continue
                 try:
-                    files[path.stem] = LoraFile(path.stem, path, _metadata(path), addnet_hash(path))
+                    files[path.stem] = LoraFile(path.stem, path, read_metadata(path))
                 except (OSError, SafetensorsError) as exc:
                     log.warning("LoRA %s skipped: %s", path.name, exc)
         with self._lock:
@@ -148,19 +145,6 @@ class LoraLibrary:
             raise LoraError(f"LoRA {name!r} not found (available: {', '.join(sorted(files)) or 'none'}; "
                             "POST /sdapi/v1/refresh-loras after adding files)")
         return found
-
-
-def _metadata(path: Path) -> dict:
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if size > (1 << 24):
-            raise SafetensorsError("safetensors header too large")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError:
-            raise SafetensorsError("not a safetensors file") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
 @dataclass

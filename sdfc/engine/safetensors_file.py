@@ -3,6 +3,7 @@ little-endian tensors, so reading it runs no code). Used for embeddings and LoRA
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -17,23 +18,52 @@ class SafetensorsError(ValueError):
     pass
 
 
+def _read_header(f) -> dict:
+    """The JSON header of an open safetensors file (8-byte little-endian size, then the JSON); `f` is left at
+    the start of the tensor data."""
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise SafetensorsError("not a safetensors file (too short)")
+    (size,) = struct.unpack("<Q", raw)
+    if size > MAX_HEADER_BYTES:
+        raise SafetensorsError(f"safetensors header of {size} bytes is too large")
+    try:
+        header = json.loads(f.read(size))
+    except ValueError:
+        raise SafetensorsError("not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError("not a safetensors file (its header is not an object)")
+    return header
+
+
+def _metadata_of(header: dict) -> dict[str, str]:
+    metadata = header.get("__metadata__")
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, reading only its header."""
+    with open(path, "rb") as f:
+        return _metadata_of(_read_header(f))
+
+
+def data_sha256(path: Path) -> str:
+    """sha256 of the tensor data after the header (kohya's / A1111's LoRA hash: metadata edits keep it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        _read_header(f)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, __metadata__) of a safetensors file: 8-byte little-endian header size, JSON header, data."""
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise SafetensorsError("not a safetensors file (too short)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > MAX_HEADER_BYTES:
-            raise SafetensorsError(f"safetensors header of {size} bytes is too large")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError:
-            raise SafetensorsError("not a safetensors file (its header is not JSON)") from None
+        header = _read_header(f)
         data = f.read()
-    if not isinstance(header, dict):
-        raise SafetensorsError("not a safetensors file (its header is not an object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _metadata_of(header)
+    header.pop("__metadata__", None)
     tensors = {}
     for name, spec in header.items():
         try:
@@ -52,4 +82,4 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
         if array.size != int(np.prod(shape)):
             raise SafetensorsError(f"tensor {name!r} holds {array.size} values for shape {shape}")
         tensors[name] = array.reshape(shape).astype(np.float32)
-    return tensors, {k: str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+    return tensors, metadata
