@@ -95,11 +95,11 @@ class Settings:
     training_dir: Path | None = None    # LoRA training: base models and image folders a request may name
     outputs_dir: Path = Path("data/outputs")
     database_url: str = "sqlite:///data/sdfc.db"
-    dispatch: str = "local"          # local | fc3 | fc2 | off
+    dispatch: str = "local"          # local | fc3 | fc2 | fc2-open | off
     spool_dir: Path = Path("data/spool")
     # The records function, for fc3/fc2 dispatch (FC sets FC_ACCOUNT_ID and FC_REGION in every function).
     records_function: str = "sdfc-records"
-    records_service: str = "sdfc"    # fc2 only: FC 2.0 functions live in a service
+    records_service: str = "sdfc"    # fc2 / fc2-open only: FC 2.0 functions live in a service
     records_qualifier: str | None = None
     fc_endpoint: str | None = None
     fc_account_id: str | None = None

@@ -4,7 +4,9 @@ It follows the documented protocol (docs/fc-deploy.md §3.3, §3.4, §8):
 - FC 3.0: `POST /2023-03-30/functions/{functionName}/invocations` (alibabacloud-fc20230330), ACS3-HMAC-SHA256
   `Authorization`, `x-acs-action: InvokeFunction`, `x-acs-version: 2023-03-30`.
 - FC 2.0: `POST /2016-08-15/services/{service}/functions/{function}/invocations` (aliyun-fc2), `FC <id>:<sig>`
-  `Authorization` and a `date` header.
+  `Authorization` and a `date` header; and FC 2.0's OpenAPI, `POST /2021-04-06/services/{service}/functions/
+  {function}/invocations` (alibabacloud-fc-open20210406), ACS3-HMAC-SHA256 with `x-acs-version: 2021-04-06`,
+  errors as `{"errorCode", "errorMessage"}` (FC 2.0's error table).
 - `x-fc-invocation-type: Async` → 202 with `x-fc-request-id`, the handler runs later, failed runs retried like
   FC's `maxAsyncRetryAttempts`; otherwise sync → 200 with the handler's result, or 200 with
   `x-fc-error-type: UnhandledInvocationError` when it raised.
@@ -29,12 +31,14 @@ ASYNC_LIMIT = 128 * 1024
 SYNC_LIMIT = 32 * 1024 * 1024
 FC3_PATH = re.compile(r"^/2023-03-30/functions/(?P<function>[^/]+)/invocations$")
 FC2_PATH = re.compile(r"^/2016-08-15/services/(?P<service>[^/]+)/functions/(?P<function>[^/]+)/invocations$")
+FC2_OPEN_PATH = re.compile(r"^/2021-04-06/services/(?P<service>[^/]+)/functions/(?P<function>[^/]+)/invocations$")
+ACS_VERSIONS = {"fc3": "2023-03-30", "fc2-open": "2021-04-06"}
 
 
 @dataclass
 class Invocation:
-    api: str               # "fc3" or "fc2"
-    function: str          # "name" (fc3) or "service/name" (fc2)
+    api: str               # "fc3", "fc2" or "fc2-open"
+    function: str          # "name" (fc3) or "service/name" (fc2, fc2-open)
     mode: str              # "Async" or "Sync"
     headers: dict
     body: bytes
@@ -47,7 +51,7 @@ class Invocation:
 
 @dataclass
 class FcStub:
-    functions: dict[str, Callable]          # {"fn": handler} for fc3, {"service/fn": handler} for fc2
+    functions: dict[str, Callable]          # {"fn": handler} for fc3, {"service/fn": handler} for fc2(-open)
     access_key_id: str = "stub-ak"
     security_token: str | None = None     # when set, requests must carry it
     async_limit: int = ASYNC_LIMIT
@@ -100,8 +104,12 @@ class FcStub:
                headers: dict | None = None) -> None:
         request_id = request_id or uuid.uuid4().hex
         if status >= 400 and isinstance(payload, dict):
-            payload = ({"ErrorCode": payload.get("Code"), "ErrorMessage": payload.get("Message")} if api == "fc2"
-                       else {**payload, "RequestId": request_id})
+            if api == "fc2":
+                payload = {"ErrorCode": payload.get("Code"), "ErrorMessage": payload.get("Message")}
+            elif api == "fc2-open":
+                payload = {"errorCode": payload.get("Code"), "errorMessage": payload.get("Message")}
+            else:
+                payload = {**payload, "RequestId": request_id}
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         http.send_response(status)
         http.send_header("x-fc-request-id", request_id)
@@ -114,9 +122,10 @@ class FcStub:
 
     def _auth_problem(self, api: str, headers: dict) -> str | None:
         auth = headers.get("authorization", "")
-        if api == "fc3":
-            if headers.get("x-acs-action") != "InvokeFunction" or headers.get("x-acs-version") != "2023-03-30":
-                return "x-acs-action InvokeFunction and x-acs-version 2023-03-30 required"
+        if api in ACS_VERSIONS:
+            version = ACS_VERSIONS[api]
+            if headers.get("x-acs-action") != "InvokeFunction" or headers.get("x-acs-version") != version:
+                return f"x-acs-action InvokeFunction and x-acs-version {version} required"
             if not auth.startswith("ACS3-HMAC-SHA256 ") or f"Credential={self.access_key_id}," not in auth:
                 return f"ACS3-HMAC-SHA256 authorization for {self.access_key_id} required, got {auth[:60]!r}"
             if "x-acs-date" not in headers:
@@ -139,6 +148,8 @@ class FcStub:
             api, function = "fc3", m["function"]
         elif m := FC2_PATH.match(path):
             api, function = "fc2", f"{m['service']}/{m['function']}"
+        elif m := FC2_OPEN_PATH.match(path):
+            api, function = "fc2-open", f"{m['service']}/{m['function']}"
         else:
             return self._reply(http, "fc3", 404, {"Code": "NotFound", "Message": f"no route {path}"}, request_id)
         mode = "Async" if headers.get("x-fc-invocation-type", "").lower() == "async" else "Sync"

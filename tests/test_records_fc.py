@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from sdfc.dispatch.credentials import CredentialSource
-from sdfc.dispatch.transports import DeliveryRejected, Fc2Transport, Fc3Transport
+from sdfc.dispatch.transports import DeliveryRejected, Fc2OpenTransport, Fc2Transport, Fc3Transport
 from sdfc.records import fc_handler, open_store
 
 from . import mariadb
@@ -95,6 +95,25 @@ def test_fc2_sdk_async_against_the_stub(echo_stub):
         Fc2Transport("svc", "writer", echo_stub.url, env_credentials(token="wrong")).deliver(b"{}")
 
 
+def test_fc2_open_sdk_async_against_the_stub(echo_stub):
+    """FC 2.0 through its OpenAPI SDK (alibabacloud-fc-open20210406): ACS3 signing, version 2021-04-06, FC 2.0's
+    {errorCode, errorMessage} errors (which that SDK does not parse into its exception's code)."""
+    from alibabacloud_tea_openapi.exceptions import ClientException
+
+    transport = Fc2OpenTransport("svc", "writer", echo_stub.url, env_credentials())
+    transport.deliver(b'{"hello": 3}')
+    inv = echo_stub.invocations[-1]
+    assert (inv.api, inv.function, inv.mode, inv.status) == ("fc2-open", "svc/writer", "Async", 202)
+    assert inv.headers["authorization"].startswith("ACS3-HMAC-SHA256 Credential=AK-ENV,")
+    assert inv.headers["x-acs-security-token"] == "sts-token-e"
+    assert echo_stub.wait_async_done(5) and echo_stub.seen[-1][0] == b'{"hello": 3}'
+    with pytest.raises(DeliveryRejected, match="InvalidArgument"):
+        transport.deliver(b"x" * (128 * 1024 + 1))
+    with pytest.raises(ClientException) as refused:  # retried later, not set aside
+        Fc2OpenTransport("svc", "writer", echo_stub.url, env_credentials(token="wrong")).deliver(b"{}")
+    assert refused.value.status_code == 403 and refused.value.data["errorCode"] == "InvalidAccessKeyId"
+
+
 def test_stub_requires_auth_headers(echo_stub):
     bare = requests.post(echo_stub.url + "/2023-03-30/functions/writer/invocations", data=b"{}",
                          headers={"x-fc-invocation-type": "Async"})
@@ -149,10 +168,10 @@ def generate(server, request_id: str, headers: dict | None = None, **payload) ->
     return r
 
 
-@pytest.mark.parametrize("api", ["fc3", "fc2"])
+@pytest.mark.parametrize("api", ["fc3", "fc2", "fc2-open"])
 def test_txt2img_reaches_mariadb_through_fc(api, fc_writer, records_db, tmp_path):
     index, outputs = fc_writer
-    # fc3 takes the role's credentials from FC's request headers, fc2 from the environment.
+    # fc3 takes the role's credentials from FC's request headers, the FC 2.0 SDKs from the environment.
     key_id, token = ("AK-FROM-HEADERS", "sts-token-h") if api == "fc3" else ("AK-ENV", "sts-token-e")
     stub = FcStub({"sdfc-records": index.handler, "sdfc/sdfc-records": index.handler},
                   access_key_id=key_id, security_token=token).start()
@@ -160,7 +179,7 @@ def test_txt2img_reaches_mariadb_through_fc(api, fc_writer, records_db, tmp_path
            "SDFC_RECORDS_SERVICE": "sdfc", "SDFC_OUTPUTS_DIR": str(outputs), "SDFC_DISPATCH_MAX_BACKOFF_S": "0.3"}
     if api == "fc3":
         env.update(FC_INSTANCE_ID="c-records-e2e", FC_FUNCTION_NAME="sdfc-api")  # x-fc-* headers are FC's there
-    if api == "fc2":
+    if api in ("fc2", "fc2-open"):
         env.update(ALIBABA_CLOUD_ACCESS_KEY_ID="AK-ENV", ALIBABA_CLOUD_ACCESS_KEY_SECRET="secret-e",
                    ALIBABA_CLOUD_SECURITY_TOKEN="sts-token-e")
     server = start_server(tmp_path, env=env)

@@ -2,7 +2,8 @@
 
 It connects `api/` and `records/` through their public surfaces only: the API hands over plain record dicts,
 the writer takes encoded events. `SDFC_DISPATCH` picks the transport: `local` (in-process writer), `fc3`
-(FC 3.0 InvokeFunction, async) or `fc2` (FC 2.0 service + function, async).
+(FC 3.0 InvokeFunction, async), `fc2` (FC 2.0 service + function, async, aliyun-fc2) or `fc2-open` (the same
+through FC 2.0's OpenAPI SDK, alibabacloud-fc-open20210406).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .credentials import CredentialSource
 from .dispatcher import Dispatcher
 from .sink import RecordSink
 from .spool import Spool
-from .transports import Fc2Transport, Fc3Transport, LocalTransport
+from .transports import Fc2OpenTransport, Fc2Transport, Fc3Transport, LocalTransport
 
 log = logging.getLogger("sdfc.dispatch")
 __all__ = ["RecordPipeline", "build_pipeline", "Dispatcher", "RecordSink", "Spool", "CredentialSource"]
@@ -68,7 +69,11 @@ def build_transport(settings: Settings, credentials: CredentialSource,
         return Fc2Transport(settings.records_service, settings.records_function, fc_endpoint(settings),
                             credentials, qualifier=settings.records_qualifier,
                             max_event_bytes=settings.fc_async_body_limit)
-    raise ConfigError(f"SDFC_DISPATCH must be local, fc3, fc2 or off, got {settings.dispatch!r}")
+    if settings.dispatch == "fc2-open":
+        return Fc2OpenTransport(settings.records_service, settings.records_function, fc_endpoint(settings),
+                                credentials, qualifier=settings.records_qualifier,
+                                max_event_bytes=settings.fc_async_body_limit)
+    raise ConfigError(f"SDFC_DISPATCH must be local, fc3, fc2, fc2-open or off, got {settings.dispatch!r}")
 
 
 def build_pipeline(settings: Settings, outputs: OutputsStore,

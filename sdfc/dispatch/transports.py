@@ -1,4 +1,5 @@
-"""How an encoded record event reaches the writer: in-process (local) or FC's asynchronous InvokeFunction.
+"""How an encoded record event reaches the writer: in-process (local) or FC's asynchronous InvokeFunction,
+through FC 3.0's SDK (alibabacloud-fc20230330) or either FC 2.0 SDK (aliyun-fc2, alibabacloud-fc-open20210406).
 
 A transport delivers one body or raises: `DeliveryRejected` when this body can never be accepted (set aside),
 anything else when it may work later (retried with backoff).
@@ -18,6 +19,24 @@ ASYNC_BODY_LIMIT = 128 * 1024  # FC's cap on asynchronous invocation bodies (doc
 
 class DeliveryRejected(ValueError):
     """The writer side refused this body for good (e.g. FC's InvalidArgument for a body over the cap)."""
+
+
+# FC's answers that no retry can change: a malformed or oversized body (FC's error-code table).
+_REJECTED_FOR_GOOD = ("InvalidArgument", "PayloadTooLarge", "EntityTooLarge")
+
+
+def _reject_for_good(status: int | None, code: str | None, message: str | None) -> None:
+    if status in (400, 413) and code in _REJECTED_FOR_GOOD:
+        raise DeliveryRejected(f"FC refused the event: {code}: {message}")
+
+
+def _openapi_error(exc) -> tuple[str | None, str | None]:
+    """(code, message) of an OpenAPI SDK error. FC 3.0 answers {Code, Message}, which the SDK parses; FC 2.0's
+    OpenAPI answers {errorCode, errorMessage}, which it leaves in `data`."""
+    data = exc.data if isinstance(exc.data, dict) else {}
+    code = exc.code if exc.code not in (None, "", "None") else None  # the SDK formats a missing Code as "None"
+    return (code or data.get("errorCode") or data.get("ErrorCode"),
+            data.get("errorMessage") or data.get("ErrorMessage") or exc.message)
 
 
 class NoCredentials(RuntimeError):
@@ -101,8 +120,7 @@ class Fc3Transport(_FcTransport):
                 models.InvokeFunctionHeaders(x_fc_invocation_type="Async", x_fc_async_task_id=async_task_id),
                 RuntimeOptions(autoretry=False))
         except ClientException as exc:
-            if exc.status_code in (400, 413) and exc.code in ("InvalidArgument", "PayloadTooLarge"):
-                raise DeliveryRejected(f"FC refused the event: {exc.code}: {exc.message}") from exc
+            _reject_for_good(exc.status_code, *_openapi_error(exc))
             raise
         if response.status_code != 202:
             raise RuntimeError(f"FC answered {response.status_code} to an asynchronous invocation, expected 202")
@@ -129,6 +147,41 @@ class Fc2Transport(_FcTransport):
             client.invoke_function(self.service_name, self.function_name, payload=body,
                                    headers={"x-fc-invocation-type": "Async"}, qualifier=self.qualifier)
         except FcError as exc:
-            if exc.status_code in (400, 413) and exc.err_code in ("InvalidArgument", "PayloadTooLarge"):
-                raise DeliveryRejected(f"FC refused the event: {exc.err_code}: {exc.message}") from exc
+            _reject_for_good(exc.status_code, exc.err_code, exc.message)
             raise
+
+
+class Fc2OpenTransport(_FcTransport):
+    """FC 2.0 (service + function) through its OpenAPI SDK: alibabacloud-fc-open20210406 `InvokeFunction`
+    with `x-fc-invocation-type: Async` (the SDK the FC 2.0 console's examples use)."""
+
+    def __init__(self, service_name: str, function_name: str, endpoint: str, credentials: CredentialSource,
+                 qualifier: str | None = None, **kwargs):
+        super().__init__(endpoint, credentials, **kwargs)
+        self.service_name, self.function_name, self.qualifier = service_name, function_name, qualifier
+
+    def _make_client(self, creds: Credentials):
+        from alibabacloud_fc_open20210406.client import Client
+        from alibabacloud_tea_openapi import models as openapi_models
+        config = openapi_models.Config(access_key_id=creds.access_key_id,
+                                       access_key_secret=creds.access_key_secret,
+                                       security_token=creds.security_token, endpoint=self.host,
+                                       protocol=self.scheme, connect_timeout=int(self.timeout_s * 1000),
+                                       read_timeout=int(self.timeout_s * 1000))
+        return Client(config)
+
+    def deliver(self, body: bytes) -> None:
+        from alibabacloud_fc_open20210406 import models
+        from alibabacloud_tea_openapi.exceptions import ClientException
+        from alibabacloud_tea_util.models import RuntimeOptions
+        client = self.client()
+        try:
+            response = client.invoke_function_with_options(
+                self.service_name, self.function_name,
+                models.InvokeFunctionRequest(body=body, qualifier=self.qualifier),
+                models.InvokeFunctionHeaders(x_fc_invocation_type="Async"), RuntimeOptions(autoretry=False))
+        except ClientException as exc:
+            _reject_for_good(exc.status_code, *_openapi_error(exc))
+            raise
+        if response.status_code != 202:
+            raise RuntimeError(f"FC answered {response.status_code} to an asynchronous invocation, expected 202")
