@@ -146,7 +146,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--models", default="tiny,mid", help="comma-separated sizes: tiny, mid")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: diffusers, optimum, sdfc")
     parser.add_argument("--runs", type=int, default=5, help="warm images per process (median reported)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda runs the one-call GPU proof instead (bench/gpu.py: --out, --dry-run)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "results",
                         help="folder for results.json, results.md, logs and first images")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the built models are kept")
@@ -170,11 +171,25 @@ def _choices(parser, option: str, value: str, valid) -> list[str]:
     return sorted(items, key=list(valid).index)
 
 
+def _gpu_proof_argv(argv: list[str]) -> list[str] | None:
+    """The arguments for bench/gpu.py when `--device cuda` was asked for (without that option), else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--device=cuda":
+            return argv[:i] + argv[i + 1:]
+        if arg == "--device" and argv[i + 1:i + 2] == ["cuda"]:
+            return argv[:i] + argv[i + 2:]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["load"]:  # `sdfc bench load`: the loopback load test, see bench/load.py
         from .load import main as load_main
         return load_main(argv[1:])
+    gpu_argv = _gpu_proof_argv(argv)
+    if gpu_argv is not None:  # `sdfc bench --device cuda`: the one-call GPU proof, see bench/gpu.py
+        from .gpu import main as gpu_main
+        return gpu_main(gpu_argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started, t0 = datetime.now(timezone.utc), time.monotonic()

@@ -24,8 +24,8 @@ S_YAML = ROOT / "s.yaml"
 S_BIN = DEPLOY / "node_modules" / ".bin" / "s"
 SCHEMAS = {"fc3": DEPLOY / "fc3-props.schema.json", "fc3-domain": DEPLOY / "fc3-domain-props.schema.json"}
 # Needed by every deploy and deliberately without a default: secrets and account-specific identifiers.
-REQUIRED_ENV = ("SDFC_AUTH", "SDFC_DATABASE_URL", "SDFC_IMAGE", "SDFC_VPC_ID", "SDFC_VSWITCH_ID",
-                "SDFC_SECURITY_GROUP_ID", "SDFC_NAS_MOUNT_TARGET")
+REQUIRED_ENV = ("SDFC_AUTH", "SDFC_DATABASE_URL", "SDFC_IMAGE", "SDFC_TRAIN_IMAGE", "SDFC_VPC_ID",
+                "SDFC_VSWITCH_ID", "SDFC_SECURITY_GROUP_ID", "SDFC_NAS_MOUNT_TARGET")
 SECRET_ENV = ("SDFC_AUTH", "SDFC_DATABASE_URL")
 SECRET_NAME = re.compile(r"AUTH|PASSW|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY|DATABASE_URL|CREDENTIAL", re.I)
 # Values that are credentials whatever their key: a URL with a password, Basic auth, an AccessKey ID, a key.

@@ -1,6 +1,7 @@
 """Pin a requirements.in to exact versions and sha256 hashes for one target interpreter and platform.
 
-    python deploy/lock.py functions/sdapi/requirements.in --python 3.12 --glibc 2.39
+    python deploy/lock.py functions/sdapi/requirements-cuda13.in --python 3.12 --glibc 2.39
+    python deploy/lock.py functions/sdapi/requirements-cuda12.in --python 3.12 --glibc 2.39
     python deploy/lock.py layers/web/requirements.in --python 3.10 --glibc 2.28
 
 pip resolves for the target (not for this machine) from wheels only, and reports what it chose; the lock
@@ -53,9 +54,13 @@ def _norm(name: str) -> str:
 
 def omitted_names(requirements: Path) -> set[str]:
     """`# lock-omit: NAME` lines: a dependency the code never imports (installed with --no-deps, it is safe
-    to leave out, and with it whatever only it needed)."""
-    found = re.findall(r"^#\s*lock-omit:\s*([A-Za-z0-9._-]+)", requirements.read_text(), re.MULTILINE)
-    return {_norm(n) for n in found}
+    to leave out, and with it whatever only it needed). Read in the file and in those it includes (`-r FILE`,
+    relative to it, as pip reads them)."""
+    text = requirements.read_text()
+    found = {_norm(n) for n in re.findall(r"^#\s*lock-omit:\s*([A-Za-z0-9._-]+)", text, re.MULTILINE)}
+    for included in re.findall(r"^-r\s+(\S+)", text, re.MULTILINE):
+        found |= omitted_names(requirements.parent / included)
+    return found
 
 
 def keep_reachable(items: list[dict], omit: set[str]) -> list[dict]:

@@ -249,13 +249,15 @@ def diffusers_state_dicts(src: Path) -> dict[str, tuple[dict[str, Any], Any]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    from models_export.architecture import detect_architecture
+
     check_diffusers_folder(src)
     index = json.loads((src / "model_index.json").read_text())
     text_class = (index.get("text_encoder") or [None, None])[1]
     unet_cfg = json.loads((src / "unet" / "config.json").read_text())
-    if text_class != "CLIPTextModel" or unet_cfg.get("cross_attention_dim") == 1024 \
-            or unet_cfg.get("in_channels") != 4:
-        raise ExportError(f"{str(src)!r} is not an SD 1.x txt2img model (text encoder {text_class}, "
+    family = detect_architecture(src)["architecture"]  # refuses what no family fits, naming it
+    if text_class != "CLIPTextModel" or family != "sd1" or unet_cfg.get("in_channels") != 4:
+        raise ExportError(f"{str(src)!r} is not an SD 1.x txt2img model ({family}, text encoder {text_class}, "
                           f"cross-attention {unet_cfg.get('cross_attention_dim')}, "
                           f"{unet_cfg.get('in_channels')} UNet input channels); only SD 1.x can be written")
     unet = UNet2DConditionModel.from_pretrained(str(src / "unet"), local_files_only=True)

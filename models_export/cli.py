@@ -1,6 +1,7 @@
 """`sdfc export ...`: build the tiny test model, export diffusers folders and single-file checkpoints to ONNX.
 
-    sdfc export tiny --out DIR [--size tiny|mid] [--seed 0] [--architecture sd1|inpaint] [--precision fp32|fp16]
+    sdfc export tiny --out DIR [--size tiny|mid] [--seed 0]
+                     [--architecture sd1|sd2|sd2-v|sdxl|sdxl-refiner|inpaint] [--precision fp32|fp16]
                      [--keep-diffusers DIR] [--tokenizer-from DIR]
     sdfc export diffusers SRC --out DIR [--name N] [--precision fp32|fp16]
     sdfc export checkpoint FILE --out DIR [--config auto|sd15|tiny|PATH] [--name N] [--precision ...]
@@ -8,8 +9,13 @@
     sdfc export to-checkpoint DIFFUSERS_DIR --out FILE.safetensors
 
 Every export takes `--no-validate` to skip optimum's ONNX-vs-PyTorch output check, which takes longer
-than the export itself, and `--clip-skip` to add text encoder outputs for A1111's CLIP skip
-(clip_skip.py). The output folder holds a manifest, `sdfc.json` (see onnx_export.py).
+than the export itself, `--no-clip-skip` to leave out the text encoder outputs for A1111's CLIP skip
+(clip_skip.py), and `--distilled lcm|turbo` to flag a few-step distilled model whose folder does not say so.
+The architecture (sd1, sd2, sdxl, sdxl-refiner) and prediction type (epsilon, v_prediction) are detected
+from the source (architecture.py); anything else is refused. The output folder holds a manifest,
+`sdfc.json` (see onnx_export.py). `--vae-precision fp32|fp16` sets the VAE's precision in an fp16 export
+(default: fp32 for SDXL; fp16 with an fp32 fallback decoder for SD 1.x/2.x; see precision.py).
+`--target cuda` fuses the SD 1.x/2.x graphs offline for onnxruntime's CUDA provider (cuda_target.py).
 
 Bad input (a missing path, a file where a folder is expected, a folder that is not a diffusers model, an
 unknown config, a checkpoint that is not SD 1.x) prints `error: ...` naming the offending path or value
@@ -24,6 +30,8 @@ import tempfile
 from pathlib import Path
 
 from models_export.onnx_export import PRECISIONS, ExportError
+from models_export.tiny import TINY_ARCHITECTURES
+from sdfc.engine.architectures import DISTILLED
 
 log = logging.getLogger("sdfc.export")
 
@@ -54,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--size", choices=("tiny", "mid"), default="tiny",
                       help="tiny: tests (0.8 M UNet parameters); mid: benchmarks (> 50 M)")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--architecture", choices=("sd1", "inpaint"), default="sd1",
-                      help="sd1 (default), or inpaint: a 9-input-channel inpainting UNet (latent, mask, "
-                           "masked-image latent)")
+    tiny.add_argument("--architecture", choices=TINY_ARCHITECTURES, default="sd1",
+                      help="sd1 (default); sd2 (OpenCLIP text encoder, epsilon); sd2-v (SD 2.x v-prediction); "
+                           "sdxl, sdxl-refiner; or inpaint: a 9-input-channel SD 1.x inpainting UNet (latent, "
+                           "mask, masked-image latent)")
     tiny.add_argument("--name", help="model name in the manifest (default: <size>-sd)")
     tiny.add_argument("--keep-diffusers", type=Path, metavar="DIR",
                       help="build the diffusers model here and keep it (default: a temp folder)")
@@ -93,8 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_common(parser: argparse.ArgumentParser, tokenizer: bool = False) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp16 for GPU serving; fp32 (default) for CPU")
+    parser.add_argument("--vae-precision", choices=PRECISIONS, default=None,
+                        help="the VAE's precision in an fp16 export (default: fp32 for SDXL, whose fp16 VAE "
+                             "overflows; fp16 for SD 1.x/2.x, with an fp32 decoder beside it that the engine "
+                             "retries with when it overflows, as A1111's automatic VAE revert)")
+    parser.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: fuse the graphs offline with onnxruntime's transformer optimizer for its CUDA "
+                             "provider (fused attention, GroupNorm, NHWC convolutions; see cuda_target.py); the "
+                             "result needs onnxruntime-gpu and takes no LoRAs. cpu (default): plain graphs")
     parser.add_argument("--no-validate", dest="validate", action="store_false",
                         help="skip optimum's ONNX-vs-PyTorch output check (it takes longer than the export)")
+    parser.add_argument("--distilled", choices=DISTILLED, default=None,
+                        help="flag a distilled few-step model (lcm, turbo) in the manifest; an LCMScheduler "
+                             "config is detected as lcm without it")
     parser.add_argument("--no-clip-skip", dest="clip_skip", action="store_false",
                         help="leave out the text encoder outputs clip_skip_2..clip_skip_L that A1111's CLIP "
                              "skip (option CLIP_stop_at_last_layers) needs; they are added by default")
@@ -119,7 +139,8 @@ def run_tiny(args: argparse.Namespace) -> int:
         check_tokenizer_folder(args.tokenizer_from)
     _check_keep_folder(args.keep_diffusers)
     # The source name is fixed (not the build folder's), so the manifest does not depend on where we built.
-    suffix = (f"-seed{args.seed}" if args.seed else "") + ("-inpaint" if args.architecture == "inpaint" else "")
+    suffix = (f"-seed{args.seed}" if args.seed else "") + \
+        (f"-{args.architecture}" if args.architecture != "sd1" else "")
     source_name = f"{args.size}sd{suffix}"
     _quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="sdfc-tiny-") as tmp:
@@ -128,8 +149,9 @@ def run_tiny(args: argparse.Namespace) -> int:
             tiny.build(build_dir, size=args.size, seed=args.seed, cache_dir=args.clip_wheel_dir,
                        tokenizer_from=args.tokenizer_from, architecture=args.architecture)
         export_diffusers(build_dir, args.out, name=args.name or f"{args.size}-sd{suffix}",
-                         precision=args.precision, source_name=source_name, validate=args.validate,
-                         clip_skip=args.clip_skip)
+                         precision=args.precision, vae_precision=args.vae_precision, source_name=source_name,
+                         validate=args.validate, clip_skip=args.clip_skip, distilled=args.distilled,
+                         target=args.target)
     return 0
 
 
@@ -139,8 +161,8 @@ def run_diffusers(args: argparse.Namespace) -> int:
     check_diffusers_folder(args.src)
     check_output_folder(args.out)
     _quiet_libraries()
-    export_diffusers(args.src, args.out, name=args.name, precision=args.precision, validate=args.validate,
-                     clip_skip=args.clip_skip)
+    export_diffusers(args.src, args.out, name=args.name, precision=args.precision, vae_precision=args.vae_precision,
+                     validate=args.validate, clip_skip=args.clip_skip, distilled=args.distilled, target=args.target)
     return 0
 
 
@@ -166,8 +188,9 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         with step(f"hashing {args.file}"):
             digest = sha256_file(args.file)
         export_diffusers(dst, args.out, name=args.name or args.file.stem, precision=args.precision,
-                         source_sha256=digest, source_kind="single-file", source_name=args.file.name,
-                         validate=args.validate, clip_skip=args.clip_skip)
+                         vae_precision=args.vae_precision, source_sha256=digest, source_kind="single-file",
+                         source_name=args.file.name, validate=args.validate, clip_skip=args.clip_skip,
+                         distilled=args.distilled, target=args.target)
     return 0
 
 

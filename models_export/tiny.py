@@ -4,6 +4,9 @@ No weights can be downloaded here, so tests and the default local server run on 
 ourselves: the real SD 1.x architecture shrunk (8x8 latents for 64x64 images, VAE factor 8 as in real
 SD), random weights from a fixed seed, and the real CLIP BPE vocabulary so that token ids equal real
 CLIP's. `--size mid` builds a larger UNet (> 50 M parameters) for benchmarks; it is never committed.
+`architecture` picks the family (TINY_ARCHITECTURES): SD 1.x (default), its inpainting UNet, SD 2.x with
+epsilon or v-prediction (SD2_FAMILY: OpenCLIP-like gelu text encoder, pad token 0, linear attention
+projections), and the SDXL ones registered in BUILDERS.
 
 The vocabulary comes from the open-clip-torch wheel (fetched with pip from the package registry), or,
 with `tokenizer_from`, from an existing tokenizer folder such as an exported model's `tokenizer/` (only
@@ -115,7 +118,26 @@ def build_tokenizer(out: Path, cache_dir: Path | None = None, tokenizer_from: Pa
 
 # UNet input channels per architecture: "inpaint" is SD's inpainting UNet (latent + mask + masked-image
 # latent), the layout A1111 feeds to models whose conditioning key is "hybrid".
-ARCHITECTURES = {"sd1": 4, "inpaint": 9}
+ARCHITECTURES = {"sd1": 4, "inpaint": 9, "sd2": 4, "sd2-v": 4}
+# SD 2.x's traits (OpenCLIP family): linear attention projections in the UNet, a gelu text encoder whose last
+# layer is the one the UNet reads (diffusers' SD 2.x encoders end at OpenCLIP's penultimate layer), a tokenizer
+# padding with token 0 ("!"), and the prediction type in the scheduler config.
+SD2_FAMILY = ("sd2", "sd2-v")
+# Stable Diffusion 2's (768-v) scheduler configuration; "sd2" (epsilon) uses SD 2-base's, equal to SD15_SCHEDULER.
+SD2_V_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+    "trained_betas": None,
+}
+# Every `sdfc export tiny --architecture`; BUILDERS (end of file) maps each to the function that writes it.
+TINY_ARCHITECTURES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "inpaint")
 
 
 def unet_config(size: str, architecture: str = "sd1") -> dict:
@@ -124,7 +146,11 @@ def unet_config(size: str, architecture: str = "sd1") -> dict:
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}")
     n_blocks = len(cfg["unet_channels"])
+    # SD 2.x: linear proj_in/proj_out; SD 2.1-v also upcasts attention (a no-op in fp32).
+    family = dict(use_linear_projection=True, **({"upcast_attention": True} if architecture == "sd2-v" else {})) \
+        if architecture in SD2_FAMILY else {}
     return dict(
+        **family,
         sample_size=cfg["sample_size"],
         in_channels=ARCHITECTURES[architecture], out_channels=4,
         block_out_channels=cfg["unet_channels"],
@@ -149,15 +175,17 @@ def vae_config(size: str) -> dict:
     )
 
 
-def text_config(size: str) -> dict:
+def text_config(size: str, architecture: str = "sd1") -> dict:
     cfg = _size(size)
     if cfg["text_hidden"] != cfg["cross_dim"]:
         raise ValueError("text hidden size must equal the UNet's cross-attention size")
+    open_clip = architecture in SD2_FAMILY  # OpenCLIP: gelu, pad token 0
     return dict(
         hidden_size=cfg["text_hidden"], intermediate_size=cfg["text_hidden"] * 4,
         num_hidden_layers=cfg["text_layers"], num_attention_heads=cfg["text_heads"],
         vocab_size=49408, max_position_embeddings=77, projection_dim=cfg["cross_dim"],
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=0 if open_clip else 49407,
+        hidden_act="gelu" if open_clip else "quick_gelu",
     )
 
 
@@ -169,11 +197,27 @@ def _size(size: str) -> dict:
 
 def build(out: Path, size: str = "tiny", seed: int = 0, cache_dir: Path | None = None,
           tokenizer_from: Path | None = None, architecture: str = "sd1") -> Path:
+    """Write the random-weight diffusers model of `architecture` (one of TINY_ARCHITECTURES) to `out`."""
+    from models_export.onnx_export import ExportError
+
+    if architecture not in TINY_ARCHITECTURES:
+        raise ExportError(f"unknown architecture {architecture!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
+    if architecture not in BUILDERS:
+        raise ExportError(f"no tiny-model builder for architecture {architecture!r} in this version")
+    return BUILDERS[architecture](out, size=size, seed=seed, cache_dir=cache_dir, tokenizer_from=tokenizer_from,
+                                  architecture=architecture)
+
+
+def build_sd(out: Path, size: str = "tiny", seed: int = 0, cache_dir: Path | None = None,
+             tokenizer_from: Path | None = None, architecture: str = "sd1") -> Path:
+    """SD 1.x, its inpainting variant, SD 2.x (ε) and SD 2.x v-prediction: one UNet, one text encoder."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    unet_kwargs, vae_kwargs, text_kwargs = unet_config(size, architecture), vae_config(size), text_config(size)
+    unet_kwargs, vae_kwargs = unet_config(size, architecture), vae_config(size)
+    text_kwargs = text_config(size, architecture)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # The weights depend on this seed and on the order the three models are created in: keep both.
@@ -183,8 +227,11 @@ def build(out: Path, size: str = "tiny", seed: int = 0, cache_dir: Path | None =
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_kwargs))
     tok_dir = out / "tokenizer"
     build_tokenizer(tok_dir, cache_dir, tokenizer_from)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
-    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)
+    # OpenCLIP pads with token 0 ("!"), as SD 2.x's diffusers tokenizer does.
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), **({"pad_token": "!"} if architecture in SD2_FAMILY
+                                                               else {}))
+    scheduler = DDIMScheduler.from_config(SD2_V_SCHEDULER) if architecture == "sd2-v" \
+        else PNDMScheduler.from_config(SD15_SCHEDULER)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -205,3 +252,12 @@ def count_unet_parameters(model_dir: Path) -> int:
     from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(str(Path(model_dir) / "unet"))
     return sum(p.numel() for p in unet.parameters())
+
+
+# --architecture → the function writing that diffusers model (same keywords as `build`); the SDXL builders
+# register here as "sdxl" and "sdxl-refiner".
+BUILDERS = {name: build_sd for name in ("sd1", "inpaint", *SD2_FAMILY)}
+# SDXL base and refiner: two text encoders, size conditioning (tiny_sdxl.py).
+from models_export.tiny_sdxl import build_tiny_sdxl  # noqa: E402
+
+BUILDERS.update({"sdxl": build_tiny_sdxl, "sdxl-refiner": build_tiny_sdxl})

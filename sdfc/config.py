@@ -61,6 +61,26 @@ def _float(env: dict, name: str, default: float) -> float:
     return _number(env, name, default, float)
 
 
+CUDA_VARIABLES = ("SDFC_CUDNN_CONV_ALGO_SEARCH", "SDFC_GPU_MEM_LIMIT_MB", "SDFC_CUDA_DEVICE_ID")
+
+
+def _cuda_options(env: dict):
+    """The CUDA execution provider's options from SDFC_CUDNN_CONV_ALGO_SEARCH (HEURISTIC | EXHAUSTIVE | DEFAULT),
+    SDFC_GPU_MEM_LIMIT_MB and SDFC_CUDA_DEVICE_ID; None when
+    none is set (the engine's defaults), so that functions without the engine (web, records) never import it."""
+    if not any(env.get(name) for name in CUDA_VARIABLES):
+        return None
+    from .engine.providers import CudaOptions
+
+    limit = _int(env, "SDFC_GPU_MEM_LIMIT_MB", 0)
+    try:
+        return CudaOptions(device_id=_int(env, "SDFC_CUDA_DEVICE_ID", 0),
+                           cudnn_conv_algo_search=(env.get("SDFC_CUDNN_CONV_ALGO_SEARCH") or "HEURISTIC").upper(),
+                           gpu_mem_limit_mb=limit or None)
+    except ValueError as exc:
+        raise ConfigError(f"CUDA options: {exc}") from None
+
+
 def _bytes(env: dict, name: str, default: int | None) -> int | None:
     """A byte count, plain or with a K/M/G/T suffix (binary: 4G = 4 GiB)."""
     from .engine.memory import parse_bytes
@@ -72,6 +92,16 @@ def _bytes(env: dict, name: str, default: int | None) -> int | None:
         return parse_bytes(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a byte count such as 4G or 512M, got {raw!r}") from None
+
+
+def _mebibytes(env: dict, name: str) -> int | None:
+    """A size in MiB (2^20 bytes) → bytes; unset or 0: None (no bound)."""
+    value = _float(env, name, None)
+    if value is None:
+        return None
+    if not 0 <= value < float("inf"):  # NaN fails too
+        raise ConfigError(f"{name} must be a number of MiB of at least 0, got {env.get(name)!r}")
+    return int(value * 2**20) or None
 
 
 def _pricing(env: dict) -> Pricing:
@@ -107,11 +137,16 @@ class Settings:
     # True in an FC instance (FC_INSTANCE_ID and FC_FUNCTION_NAME set): only there are x-fc-* request headers
     # FC's own (sdfc/fc/gateway.py); elsewhere they are the client's and never believed.
     in_fc: bool = False
-    fc_async_body_limit: int = 128 * 1024
+    fc_instance_id: str | None = None  # FC_INSTANCE_ID: names this instance's own folder of a shared (NAS) spool
+    # Events above this travel by key. FC accepts 128 KB async bodies, but a failed invocation's body goes on to
+    # the onFailure destination, an MNS queue whose messages are capped at 64 KB together with FC's context
+    # and the response: keep the event well below that, or the dead letter itself is lost.
+    fc_async_body_limit: int = 48 * 1024
     dispatch_queue_size: int = 1000
     dispatch_max_backoff_s: float = 30.0
     dispatch_drain_s: float = 5.0
     device: str = "cpu"
+    cuda: "CudaOptions | None" = None  # SDFC_CUDNN_CONV_ALGO_SEARCH, SDFC_GPU_MEM_LIMIT_MB, ...; None: defaults
     default_model: str | None = None
     styles_file: Path | None = None
     cors_origins: tuple[str, ...] = ()
@@ -122,6 +157,9 @@ class Settings:
     # Bytes one job may use; None: measured (cgroup limit, `ulimit -v`, MemAvailable, or the GPU's free
     # memory), 0: no memory check. See sdfc/engine/memory.py for the per-model estimate.
     memory_budget: int | None = None
+    # Bytes all loaded models may hold together (SDFC_MODEL_MEMORY_MB); None: no byte bound, only the count
+    # bound of the option sd_checkpoint_cache (sdfc/engine/model_cache.py).
+    model_memory_bytes: int | None = None
     max_steps: int = 150
     max_images: int = 16
     max_body_bytes: int = 32 * 1024 * 1024
@@ -135,6 +173,7 @@ class Settings:
     # function that only answers), how long a silent instance keeps a task, how often progress is written.
     task_worker: str = "local"
     task_function: str = "sdfc-api"    # fc: the function whose async invocations run tasks (sd-api itself)
+    training_function: str | None = None  # fc: the GPU function with torch that runs train tasks (functions/train)
     task_lease_s: float = 30.0
     task_heartbeat_s: float = 0.25
     admins: tuple[str, ...] = ()       # users who see and cancel everyone's tasks and records
@@ -161,11 +200,13 @@ class Settings:
             fc_account_id=env.get("FC_ACCOUNT_ID") or None,
             fc_region=env.get("FC_REGION") or None,
             in_fc=running_in_fc(env),
+            fc_instance_id=env.get("FC_INSTANCE_ID") or None,
             fc_async_body_limit=_int(env, "SDFC_FC_ASYNC_BODY_LIMIT", cls.fc_async_body_limit),
             dispatch_queue_size=_int(env, "SDFC_DISPATCH_QUEUE", cls.dispatch_queue_size),
             dispatch_max_backoff_s=_float(env, "SDFC_DISPATCH_MAX_BACKOFF_S", cls.dispatch_max_backoff_s),
             dispatch_drain_s=_float(env, "SDFC_DISPATCH_DRAIN_S", cls.dispatch_drain_s),
             device=env.get("SDFC_DEVICE", "cpu"),
+            cuda=_cuda_options(env),
             default_model=env.get("SDFC_DEFAULT_MODEL") or None,
             styles_file=Path(env["SDFC_STYLES_FILE"]) if env.get("SDFC_STYLES_FILE") else None,
             cors_origins=tuple(o.strip().rstrip("/") for o in env.get("SDFC_CORS_ORIGINS", "").split(",")
@@ -173,6 +214,7 @@ class Settings:
             docs_open=env.get("SDFC_DOCS_AUTH", "0") not in ("1", "true", "yes"),
             max_pixels=_int(env, "SDFC_MAX_PIXELS", cls.max_pixels),
             memory_budget=_bytes(env, "SDFC_MEMORY_BUDGET", cls.memory_budget),
+            model_memory_bytes=_mebibytes(env, "SDFC_MODEL_MEMORY_MB"),
             max_steps=_int(env, "SDFC_MAX_STEPS", cls.max_steps),
             max_images=_int(env, "SDFC_MAX_IMAGES", cls.max_images),
             max_body_bytes=_int(env, "SDFC_MAX_BODY_BYTES", cls.max_body_bytes),
@@ -180,6 +222,7 @@ class Settings:
             max_queued_jobs=_int(env, "SDFC_MAX_QUEUED_JOBS", cls.max_queued_jobs),
             task_worker=(env.get("SDFC_TASK_WORKER") or "local").strip().lower(),
             task_function=env.get("SDFC_TASK_FUNCTION") or env.get("FC_FUNCTION_NAME") or cls.task_function,
+            training_function=env.get("SDFC_TRAINING_FUNCTION") or None,
             task_lease_s=_float(env, "SDFC_TASK_LEASE_S", cls.task_lease_s),
             task_heartbeat_s=_float(env, "SDFC_TASK_HEARTBEAT_S", cls.task_heartbeat_s),
             admins=tuple(u.strip() for u in env.get("SDFC_ADMINS", "").split(",") if u.strip()),

@@ -38,6 +38,7 @@ PLACEHOLDER_ENV = {
     "SDFC_AUTH": "alice:Wonder-land42",
     "SDFC_DATABASE_URL": "mysql://sdfc:Db-Passw0rd!@rm-placeholder.mysql.rds.aliyuncs.com:3306/stable_diffusion",
     "SDFC_IMAGE": "registry.example.invalid/sdfc/sdfc-api:placeholder",
+    "SDFC_TRAIN_IMAGE": "registry.example.invalid/sdfc/sdfc-train:placeholder",
     "SDFC_VPC_ID": "vpc-placeholder",
     "SDFC_VSWITCH_ID": "vsw-placeholder",
     "SDFC_SECURITY_GROUP_ID": "sg-placeholder",

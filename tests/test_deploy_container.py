@@ -147,7 +147,8 @@ def test_initialize_loads_and_warms_the_model(container):
     r = requests.post(container.url + "/initialize", headers=fc_headers(request_id, "/initialize"), timeout=120)
     assert r.status_code == 200, r.text
     report = r.json()
-    assert report["model"].startswith("tiny-sd [") and report["warmup_size"] == 64
+    # s.yaml's warm-up size, each at both UNet batches (CFG 7: cond + uncond; CFG 1: cond only).
+    assert report["model"].startswith("tiny-sd [") and list(report["warmup_sizes"]) == ["512x512"]
     assert report["providers"] == ["CPUExecutionProvider"]  # CUDA was asked for; there is none here
     assert any(line["request_id"] == request_id and line["route"] == "/initialize" and line["status"] == 200
                for line in container.request_lines())

@@ -82,6 +82,25 @@ def test_lifecycle_routes_answer_fc_calls_without_client_credentials_and_nothing
     assert client.get("/pre-stop", headers=fc_call("/pre-stop")).status_code == 200
 
 
+def test_initialize_warms_each_configured_size_at_both_unet_batches(tmp_path):
+    config = lifecycle.LifecycleConfig(warmup_sizes=lifecycle.parse_sizes("64x64, 96x64"))
+    app = create_sdapi_app(settings(tmp_path), config)
+    model = app.extensions["sdfc"].engine.load()
+    unet, shapes = model.unet, []
+    model.unet = lambda sample, *args, **kw: shapes.append(sample.shape) or unet(sample, *args, **kw)
+    try:
+        r = app.test_client().post("/initialize", headers=fc_call("/initialize"))
+        assert r.status_code == 200 and list(r.json["warmup_sizes"]) == ["64x64", "96x64"]
+        # (batch, channels, latent h, latent w): each size with the CFG batch (2) and the CFG-1 batch (1).
+        assert sorted(set(shapes)) == [(1, 4, 8, 8), (1, 4, 8, 12), (2, 4, 8, 8), (2, 4, 8, 12)]
+    finally:
+        app.extensions["sdfc.records"].close(5)
+    assert lifecycle.parse_sizes("") == lifecycle.parse_sizes("0") == ()
+    for bad in ("512", "512x500", "axb"):
+        with pytest.raises(ValueError, match="SDFC_WARMUP_SIZES"):
+            lifecycle.parse_sizes(bad)
+
+
 def test_outside_fc_lifecycle_routes_need_credentials(tmp_path):
     app = create_sdapi_app(Settings.from_env({"SDFC_AUTH": "alice:Wonder-land42", "SDFC_DATA_DIR": str(tmp_path),
                                               "SDFC_MODELS_DIR": str(MODELS_DIR), "SDFC_DISPATCH": "local"}))
@@ -111,18 +130,27 @@ def test_initialize_fails_when_cuda_is_required_but_absent(tmp_path):
     app = create_sdapi_app(settings(tmp_path, SDFC_DEVICE="cuda"), lifecycle.LifecycleConfig(require_cuda=True))
     r = app.test_client().post("/initialize", headers=fc_call("/initialize"))
     assert r.status_code == 500 and "SDFC_REQUIRE_CUDA" in r.json["detail"]
+    # Every component is named (onnxruntime falls back per session), and the driver it found (none here).
+    assert "text_encoder, unet, vae_decoder, vae_encoder on the CPU" in r.json["detail"]
+    assert "driver None" in r.json["detail"] and "--build-arg CUDA=12" in r.json["detail"]
     app.extensions["sdfc.records"].close(5)
 
 
 def test_invoke_refuses_lifecycle_paths_and_flags_failures_for_fc(sdapi):
     client = sdapi.test_client()
     invoke = fc_call("/invoke")
+    # A client error fails the same way on every try: FC must not retry it (each retry wakes a GPU).
     r = client.post("/invoke", data=json.dumps({"rawPath": "/invoke", "body": "{}"}), headers=invoke)
-    assert r.status_code == 400 and r.headers["x-fc-status"] == "404"
+    assert r.status_code == 400 and "x-fc-status" not in r.headers
     r = client.post("/invoke", data=json.dumps({"rawPath": "/sdapi/v1/txt2img", "body": {"steps": 1}}),
                     headers=invoke)
     assert r.status_code == 200 and r.json["statusCode"] == 401  # the event's request has no credentials
-    assert r.headers["x-fc-status"] == "404"  # FC marks the invocation failed: async retries, onFailure
+    assert "x-fc-status" not in r.headers
+    r = client.post("/invoke", data=json.dumps({"rawPath": "/sdapi/v1/txt2img", "headers": AUTH,
+                                                "body": {"steps": 0}}), headers=invoke)
+    assert r.json["statusCode"] == 422 and "x-fc-status" not in r.headers
+    # A server-side failure may pass on another instance: FC marks it failed (async retries, then onFailure).
+    assert [s for s in (400, 401, 404, 422, 429, 500, 503) if lifecycle.worth_retrying(s)] == [429, 500, 503]
     r = client.post("/invoke", data=json.dumps({"rawPath": "/sdapi/v1/samplers", "headers": AUTH}),
                     headers=invoke)
     assert r.json["statusCode"] == 200 and "x-fc-status" not in r.headers

@@ -26,5 +26,6 @@ def test_an_omitted_dependency_takes_what_only_it_needed_along():
 
 
 def test_the_committed_locks_name_their_omissions():
-    assert lock.omitted_names(ROOT / "functions/sdapi/requirements.in") == {"huggingface-hub"}
-    assert "huggingface" not in (ROOT / "functions/sdapi/requirements.txt").read_text().lower()
+    for cuda in ("13", "12"):  # each CUDA line's .in includes the shared requirements.in and its omissions
+        assert lock.omitted_names(ROOT / f"functions/sdapi/requirements-cuda{cuda}.in") == {"huggingface-hub"}
+        assert "huggingface" not in (ROOT / f"functions/sdapi/requirements-cuda{cuda}.txt").read_text().lower()

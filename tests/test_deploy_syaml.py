@@ -28,7 +28,8 @@ def render_text(text: str, tmp_path: Path, env: dict = PLACEHOLDER_ENV) -> dict:
 def test_s_preview_renders_every_resource():
     resources = rendered()["resources"]
     assert {name: r["component"] for name, r in resources.items()} == {
-        "sdfc-records": "fc3", "sdfc-api": "fc3", "sdfc-web": "fc3", "sdfc-domain": "fc3-domain"}
+        "sdfc-records": "fc3", "sdfc-api": "fc3", "sdfc-web": "fc3", "sdfc-train": "fc3",
+        "sdfc-domain": "fc3-domain"}
     assert rendered()["edition"] == "3.0.0"
     # ${config('AccountID')} came from the (dummy) access: every ARN is complete.
     assert props("sdfc-api")["role"] == f"acs:ram::{ACCOUNT_ID}:role/sdfc-api"
@@ -169,13 +170,23 @@ def test_the_ram_policies_grant_what_the_functions_do():
     assert records_policy["Statement"][0]["Resource"] == [f"acs:mns:*:*:/queues/{queue}/messages"]
 
 
+def test_the_oss_mount_variant_has_a_read_only_policy_for_the_role_that_mounts_it():
+    policy = json.loads((ROOT / "deploy/ram/sdfc-api-oss-models-policy.json").read_text())
+    (statement,) = policy["Statement"]
+    assert set(statement["Action"]) >= {"oss:ListObjects", "oss:GetObject"}
+    assert not [a for a in statement["Action"] if a.startswith(("oss:Put", "oss:Delete"))]  # models: read only
+    assert "sdfc-api-oss-models-policy.json" in (ROOT / "s.yaml").read_text()
+
+
 def test_the_functions_share_one_nas_folder_for_outputs():
-    mounts = {name: props(name)["nasConfig"] for name in ("sdfc-api", "sdfc-web", "sdfc-records")}
+    mounts = {name: props(name)["nasConfig"] for name in ("sdfc-api", "sdfc-web", "sdfc-records", "sdfc-train")}
     assert len({json.dumps(m, sort_keys=True) for m in mounts.values()}) == 1
     (mount,) = mounts["sdfc-api"]["mountPoints"]
     assert mounts["sdfc-api"]["userId"] == 10001  # the image's USER, so files stay readable by every function
     for name in mounts:
         assert props(name)["environmentVariables"]["SDFC_OUTPUTS_DIR"].startswith(mount["mountDir"] + "/")
+    # sd-api's records wait on the NAS, not on the instance's disk, which FC discards with a recycled instance.
+    assert props("sdfc-api")["environmentVariables"]["SDFC_SPOOL_DIR"].startswith(mount["mountDir"] + "/")
 
 
 def test_cpu_functions_use_the_runtime_and_layers_layers_build_makes():
@@ -191,3 +202,21 @@ def test_cpu_functions_use_the_runtime_and_layers_layers_build_makes():
 def test_the_custom_domain_sends_sdapi_to_the_gpu_and_the_rest_to_the_cpu_function():
     routes = {r["path"]: r["functionName"] for r in props("sdfc-domain")["routeConfig"]["routes"]}
     assert routes == {"/sdapi/*": props("sdfc-api")["functionName"], "/*": props("sdfc-web")["functionName"]}
+
+
+def test_train_tasks_go_to_a_gpu_training_function_that_writes_where_sd_api_reads():
+    api, train = props("sdfc-api"), props("sdfc-train")
+    assert api["environmentVariables"]["SDFC_TRAINING_FUNCTION"] == train["functionName"]
+    assert train["runtime"] == "custom-container" and train["customContainerConfig"] == {
+        "image": PLACEHOLDER_ENV["SDFC_TRAIN_IMAGE"], "port": 9000}
+    assert train["gpuConfig"] == api["gpuConfig"] and train["instanceConcurrency"] == 1
+    # a run is one asynchronous invocation, allowed to last as long as the request bounds let it
+    assert train["asyncInvokeConfig"]["asyncTask"] is True and train["timeout"] == 86400
+    assert "triggers" not in train  # sd-api's async invocations are its only calls
+    for folder in ("SDFC_LORA_DIR", "SDFC_EMBEDDINGS_DIR", "SDFC_TRAINING_DIR", "SDFC_OUTPUTS_DIR",
+                   "SDFC_DATABASE_URL"):
+        assert train["environmentVariables"][folder] == api["environmentVariables"][folder], folder
+    assert train["nasConfig"] == api["nasConfig"] and train["vpcConfig"] == api["vpcConfig"]
+    policy = json.loads((ROOT / "deploy/ram/sdfc-api-policy.json").read_text())
+    assert f"acs:fc:*:*:functions/{train['functionName']}" in policy["Statement"][0]["Resource"]
+    assert (ROOT / "functions/train/Dockerfile").is_file()

@@ -207,3 +207,39 @@ def test_submit_never_raises_and_overflow_waits_on_disk(tmp_path):
     assert dispatcher.wait_idle(10)
     dispatcher.close(1)
     assert store.count() == 20
+
+
+class DatabaseDown:
+    max_event_bytes = None
+
+    def deliver(self, body: bytes) -> None:
+        raise ConnectionError("RDS unreachable")
+
+
+def test_a_shared_spool_hands_a_recycled_instances_records_to_the_next_one(tmp_path):
+    """FC: the spool is on the NAS. Instance A dies with records undelivered (database down, its image not yet in
+    the outputs store); instance B adopts them once they are old enough and delivers them, but never takes the
+    fresh entries of live instance C, and B's drain does not wait for C's records."""
+    shared = tmp_path / "nas-spool"
+    store = open_store(f"sqlite:///{tmp_path / 'records.db'}")
+    outputs = OutputsStore(tmp_path / "outputs")
+    a = Dispatcher(Spool(shared, instance="c-a"), DatabaseDown(), FailingOutputs(tmp_path / "outputs", failures=99),
+                   base_backoff_s=0.01, max_backoff_s=0.05)
+    RecordSink(FailingOutputs(tmp_path / "outputs", failures=99), a)([record("from-a-1"), record("from-a-2")])
+    time.sleep(0.2)
+    assert not a.close(0.1)  # recycled with both records still on the NAS
+    a_folder = shared / "instances" / "c-a"
+    assert len(list(a_folder.glob("*.json"))) == 2 and len(list(a_folder.glob("*.img"))) == 2
+    time.sleep(0.6)
+    Spool(shared, instance="c-c").write({"request_id": "from-c"})  # a live instance's fresh entry
+
+    b_spool = Spool(shared, instance="c-b", orphan_age_s=0.5)
+    b = Dispatcher(b_spool, LocalTransport(RecordWriter(store, outputs).handle), outputs,
+                   base_backoff_s=0.01, max_backoff_s=0.05)
+    b.start()
+    assert b.wait_idle(10) and b.close(1)
+    for request_id in ("from-a-1", "from-a-2"):
+        row = store.find(request_id, 0)
+        assert base64.b64decode(row["image_base64"]) == b"\x89PNG\r\n\x1a\n" + request_id.encode()
+    assert store.find("from-c", 0) is None and not a_folder.exists()
+    assert len(Spool(shared, instance="c-c").names()) == 1 and b_spool.names() == []

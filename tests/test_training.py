@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 from PIL import Image
@@ -233,7 +234,7 @@ def test_the_command_line(training_dir, tmp_path, capsys):
 
 
 def test_hostile_requests_are_refused(training_dir, lora_dir, trained, tmp_path):
-    from sdfc.training.tasks import validate
+    from sdfc.jobs.training_requests import validate
 
     good = {"base": "models/tiny", "images": "images/checkers", "output_name": "fresh", "steps": 10}
     values = validate(good, training_dir, lora_dir)
@@ -277,6 +278,18 @@ def _wait(session, url, task_id, until, timeout=120.0):
     raise AssertionError(f"task {task_id} never got there: {seen[-1]}")
 
 
+def training_children(pid: int) -> list:
+    """The server's training child processes (`python -m sdfc.training run ...`) still alive."""
+    found = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            if "sdfc.training" in proc.cmdline() and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 @pytest.mark.slow
 def test_training_as_a_task_with_progress_and_cancel(tmp_path, training_dir):
     loras = tmp_path / "loras"
@@ -297,7 +310,7 @@ def test_training_as_a_task_with_progress_and_cancel(tmp_path, training_dir):
         submitted = s.post(f"{url}/sdapi/v2/tasks/train-lora", json=body)
         assert submitted.status_code == 202, submitted.text
         task, seen = _wait(s, url, submitted.json()["task_id"], lambda t: t["status"] in ("succeeded", "failed"))
-        assert task["status"] == "succeeded" and task["type"] == "train-lora", task
+        assert task["status"] == "succeeded" and task["type"] == "train-lora", json.dumps(task)
         assert task["step"] == STEPS and task["steps"] == STEPS and task["progress"] == 1
         running = [t for t in seen if t["status"] == "running" and t["loss"] is not None]
         assert running and all(0 < t["step"] <= STEPS and t["loss"] > 0 for t in running)
@@ -318,8 +331,11 @@ def test_training_as_a_task_with_progress_and_cancel(tmp_path, training_dir):
         long = s.post(f"{url}/sdapi/v2/tasks/train-lora", json={**body, "output_name": "cancelled", "steps": 20000})
         task_id = long.json()["task_id"]
         _wait(s, url, task_id, lambda t: t["status"] == "running" and t["step"] >= 2 and t["loss"] is not None)
+        (child,) = training_children(server.process.pid)  # training runs in a child process, not the server
         assert s.delete(f"{url}/sdapi/v2/tasks/{task_id}").status_code == 200
         task, _ = _wait(s, url, task_id, lambda t: t["status"] not in ("queued", "running"), timeout=30)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE  # the cancel ended it
+        assert training_children(server.process.pid) == []
         assert task["status"] == "cancelled" and task["step"] < 20000
         result = s.get(f"{url}/sdapi/v2/tasks/{task_id}/result").json()
         assert result["cancelled"] and result["file"] is None and 2 <= result["steps_done"] < 20000

@@ -30,8 +30,8 @@ from .generation import UNSUPPORTED_FLAGS
 from .img2img import IMAGE_CFG_SCALE_DEFAULT
 from .options import CHOICES, DEFAULTS, NUMBERS
 from .styles import load_styles
-from ..training.a1111 import CREATE_EMBEDDING, TRAIN_EMBEDDING_V1
-from ..training.tasks import TRAIN_EMBEDDING, TRAIN_LORA
+from ..jobs.training_requests import TRAIN_EMBEDDING, TRAIN_LORA
+from .training import CREATE_EMBEDDING, TRAIN_EMBEDDING_V1
 
 bp = Blueprint("docs", __name__)
 
@@ -133,7 +133,7 @@ COMPONENTS = {
         "created_at": _nullable(_S), "started_at": _nullable(_S), "finished_at": _nullable(_S),
         "error": _nullable(_S), "user": _nullable(_S), "gpu_seconds": _nullable(_N), "cost": _nullable(_N),
         "loss": _nullable(_N)}, title="Task"),
-    # sdfc/training/tasks.py's result: the LoRA (or embedding) written, its file in its folder; none when cancelled.
+    # sdfc/jobs/training.py's result: the LoRA (or embedding) written, its file in its folder; none when cancelled.
     "TrainingResult": _obj({"lora": _nullable(_S), "embedding": _nullable(_S), "file": _nullable(_S),
                             "steps_done": _I, "steps": _I, "final_loss": _nullable(_N), "cancelled": _B, "seed": _I,
                             "metadata": {"type": "object", "additionalProperties": _S}}, title="TrainingResult"),
@@ -187,7 +187,7 @@ SUCCESS = {
     "/sdapi/v1/refresh-vae": _NULL,
     "/sdapi/v1/refresh-embeddings": _NULL,
     "/sdapi/v1/refresh-loras": _NULL,
-    # A1111's CreateResponse / TrainResponse (sdfc/training/a1111.py)
+    # A1111's CreateResponse / TrainResponse (sdfc/api/training.py)
     "/sdapi/v1/create/embedding": _obj({"info": _S}, title="CreateResponse"),
     "/sdapi/v1/train/embedding": _obj({"info": _S}, title="TrainResponse"),
     "/sdapi/v1/unload-checkpoint": _EMPTY,
@@ -437,6 +437,19 @@ def _with_server_limits(schema: dict, settings) -> dict:
             {"properties": {"sampler_index": {"enum": [*_sampler_names(), None]}}}]
     if "enable_hr" in props:
         _describe_hires(schema)
+    if "refiner_checkpoint" in props:
+        from ..engine.sdxl import NO_REFINER
+
+        models = _models(settings)
+        names = sorted({n for m in models for n in (m.name, m.title, m.short_hash, m.sha256) if n})
+        props["refiner_checkpoint"].pop("anyOf", None)
+        props["refiner_checkpoint"]["enum"] = [*names, *sorted(n for n in NO_REFINER if n is not None), None]
+        props["refiner_checkpoint"]["nullable"] = True
+        props["refiner_checkpoint"]["description"] += " (a title, name or hash from GET /sd-models)"
+        if "enable_hr" in props:  # a refiner with the hires fix is refused (engine/sdxl.py)
+            no_refiner = {"properties": {"refiner_checkpoint": {"enum": list(NO_REFINER), "nullable": True}}}
+            schema.setdefault("allOf", []).append(
+                {"anyOf": [no_refiner, {"properties": {"enable_hr": _false_values()}}]})
     if schema.get("title") == payloads.IMG2IMG.name:
         props["denoising_strength"]["description"] = (
             "with a timestep sampler (DDIM, PLMS, UniPC...) int(min(denoising_strength, 0.999) × steps) must "
@@ -447,7 +460,7 @@ def _with_server_limits(schema: dict, settings) -> dict:
     for name in UPSCALER_FIELDS:
         if name in props:
             props[name]["enum"] = list(UPSCALERS) + ([None] if props[name].get("nullable") else [])
-    # SDFC_MAX_STEPS and SDFC_MAX_IMAGES bound generations; training requests carry their own bounds (tasks.py)
+    # SDFC_MAX_STEPS and SDFC_MAX_IMAGES bound generations; training requests carry theirs (training_requests.py)
     generation = schema.get("title") not in (TRAIN_LORA.name, TRAIN_EMBEDDING.name, TRAIN_EMBEDDING_V1.name)
     if "steps" in props and generation:
         _limit(props["steps"], "maximum", settings.max_steps)

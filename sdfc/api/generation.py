@@ -13,13 +13,14 @@ import uuid
 from pathlib import Path
 
 from ..engine import GenerationRequest, GenerationResult, InvalidRequestError, JobControl, ModelNotFoundError
-from ..engine import OutOfMemoryError
+from ..engine import NaNError, OutOfMemoryError
 from ..engine import hires as engine_hires
 from ..engine import samplers as engine_samplers
 from ..engine.pipeline import validate as validate_engine_request
 from ..engine import schedules as engine_schedules
 from ..engine.lora import parse_networks
 from ..engine.prompt_parser import check_prompt
+from ..engine.sdxl import NO_REFINER, SizeConditioning
 from .errors import ApiError, ValidationFailed
 from .images import encode_image_bytes
 from . import img2img as img2img_fields
@@ -164,6 +165,17 @@ def _hires_fix(state: ApiState, values: dict, mode: str) -> engine_hires.HiresFi
         prompt=prompt, negative_prompt=negative, cfg_scale=values.get("hr_cfg"))
 
 
+def _refiner_checkpoint(state: ApiState, name) -> str | None:
+    """The refiner's model name; an unknown one is refused before the job queues (A1111: "Could not find
+    checkpoint with name ...")."""
+    if name in NO_REFINER:
+        return None
+    try:
+        return state.engine.find_model(name).name
+    except ModelNotFoundError as exc:
+        raise ApiError(400, f"refiner_checkpoint: {exc}", error="RuntimeError") from None
+
+
 def build_request(state: ApiState, values: dict, mode: str, options: dict) -> GenerationRequest:
     _check_unsupported(values, mode)
     init_images, inpainting = None, {}
@@ -196,12 +208,20 @@ def build_request(state: ApiState, values: dict, mode: str, options: dict) -> Ge
         clip_skip=int(options["CLIP_stop_at_last_layers"]),
         comma_padding_backtrack=int(options["comma_padding_backtrack"]),
         eta_noise_seed_delta=int(options["eta_noise_seed_delta"]),
+        auto_vae_precision=bool(options["auto_vae_precision"]),
         model=_model_override(state, options, values.get("override_settings")),
         init_images=init_images,
         denoising_strength=_value(values, "denoising_strength", 0.75),
         resize_mode=_value(values, "resize_mode", 0),
         tiling=_value(values, "tiling", options["tiling"]),  # as A1111: null falls back to the option
         hires=_hires_fix(state, values, mode),
+        # A1111 1.6+'s refiner, and its SDXL options (sdfc/engine/sdxl.py).
+        refiner_checkpoint=_refiner_checkpoint(state, values.get("refiner_checkpoint")),
+        refiner_switch_at=values.get("refiner_switch_at"),
+        sdxl=SizeConditioning(sdxl_crop_top=int(options["sdxl_crop_top"]),
+                              sdxl_crop_left=int(options["sdxl_crop_left"]),
+                              sdxl_refiner_low_aesthetic_score=float(options["sdxl_refiner_low_aesthetic_score"]),
+                              sdxl_refiner_high_aesthetic_score=float(options["sdxl_refiner_high_aesthetic_score"])),
         **inpainting,
     )
     check_limits(state, req)
@@ -337,6 +357,7 @@ INFOTEXT_FIELDS = {
     "Hires sampler": ("hr_sampler_name", str), "Hires schedule type": ("hr_scheduler", str),
     "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str),
     "Hires CFG Scale": ("hr_cfg", float),
+    "Refiner": ("refiner_checkpoint", str), "Refiner switch at": ("refiner_switch_at", float),
 }
 
 
@@ -425,6 +446,9 @@ def generate_queued(state: ApiState, req: GenerationRequest, control) -> Generat
         return state.engine.generate(req, control)
     except InvalidRequestError as exc:
         raise ApiError(400, str(exc), error="ValueError") from None
+    except NaNError as exc:
+        # A1111 answers its NansException with the reason (which stage, what to change): the engine's own text.
+        raise ApiError(500, str(exc), error="NansException") from None
     except OutOfMemoryError as exc:
         # The job's buffers are released with it: the next (smaller, or later) request runs normally.
         log.warning("job ran out of memory: %s", exc)

@@ -68,7 +68,7 @@ def limits_for(state: ApiState, model: str | None, tiling: bool = False) -> Memo
 def _context_tokens(state: ApiState, req: GenerationRequest, prompt: str) -> int:
     """CLIP context length the prompt will be encoded to (75-token chunks of 77, BREAK starts a chunk)."""
     try:
-        tokens = len(state.engine.load(req.model).tokenizer.encode(prompt).ids)
+        tokens = len(state.engine.tokenizer_of(req.model).encode(prompt).ids)
     except Exception:  # no tokenizer at hand or text it refuses: every UTF-8 byte as a token bounds it
         tokens = len(prompt.encode("utf-8", "surrogatepass"))
     chunks = math.ceil(tokens / CLIP_CHUNK_TOKENS) + prompt.count("BREAK")

@@ -60,13 +60,23 @@ DEFAULTS = {
     "api_enable_requests": False,   # sdfc never fetches image URLs (see README)
     "api_forbid_local_requests": True,
     "api_useragent": "",
-    "sd_checkpoint_cache": 0,
+    # Models kept loaded besides the current one (A1111's key and range; its default is 0, sdfc's 1 so that a
+    # base and its refiner, or two models used in turn, stay loaded: sdfc/engine/model_cache.py).
+    "sd_checkpoint_cache": 1,
     "sd_vae_checkpoint_cache": 0,
     "upscaler_for_img2img": None,
     "img2img_color_correction": False,
     "outdir_samples": "",
     "sd_vae_encode_method": "Full",
     "sd_vae_decode_method": "Full",
+    # A1111's "Automatically revert VAE to 32-bit floats": an fp16 VAE's NaNs are decoded again with the fp32
+    # decoder; off, they are an error (never A1111's black image). sdfc/engine/precision.py.
+    "auto_vae_precision": True,
+    # SDXL's size and aesthetic-score conditioning (A1111's "Stable Diffusion XL" section; sdfc/engine/sdxl.py).
+    "sdxl_crop_top": 0,
+    "sdxl_crop_left": 0,
+    "sdxl_refiner_low_aesthetic_score": 2.5,
+    "sdxl_refiner_high_aesthetic_score": 6.0,
 }
 
 # Values the engine reads; validated on set so that a job never starts with a value it cannot use.
@@ -97,6 +107,10 @@ NUMBERS = {
     "comma_padding_backtrack": (0, 74, True),
     "sd_checkpoint_cache": (0, 10, True),
     "sd_vae_checkpoint_cache": (0, 10, True),
+    "sdxl_crop_top": (0, None, True),
+    "sdxl_crop_left": (0, None, True),
+    "sdxl_refiner_low_aesthetic_score": (None, None, False),
+    "sdxl_refiner_high_aesthetic_score": (None, None, False),
 }
 
 
@@ -150,6 +164,12 @@ class Options:
     def __init__(self):
         self._values = copy.deepcopy(DEFAULTS)
         self._lock = threading.Lock()
+        self._watchers: dict[str, list] = {}
+
+    def watch(self, key: str, listener) -> None:
+        """Call `listener(value)` now and whenever `key` is stored (the engine follows sd_checkpoint_cache)."""
+        self._watchers.setdefault(key, []).append(listener)
+        listener(self.snapshot()[key])
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -159,6 +179,9 @@ class Options:
         checked = {k: check_value(k, v) for k, v in values.items()}
         with self._lock:
             self._values.update(checked)
+        for key, value in checked.items():
+            for listener in self._watchers.get(key, ()):
+                listener(value)
 
     def with_overrides(self, overrides: dict | None) -> dict:
         """This job's options: the current ones with `override_settings` applied.

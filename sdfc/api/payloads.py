@@ -50,8 +50,10 @@ _COMMON_HEAD = (
     F("s_noise", "float", None, ge=0, le=1.1),
     F("override_settings", "dict", None),
     F("override_settings_restore_afterwards", "bool", True),
-    F("refiner_checkpoint", "str", None),
-    F("refiner_switch_at", "float", None, ge=0, le=1),
+    F("refiner_checkpoint", "str", None, "a model (name, title or hash) that finishes sampling (A1111 1.6+); "
+                                         "unknown: 400; not with enable_hr or LoRAs"),
+    F("refiner_switch_at", "float", None, "the refiner takes over at the first step whose timestep t has "
+                                          "(999 - t)/1000 >= this; null: from the first step", ge=0, le=1),
     F("disable_extra_networks", "bool", False),
     F("firstpass_image", "str", None),
     F("comments", "dict", None),

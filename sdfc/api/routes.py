@@ -406,7 +406,7 @@ def refresh_embeddings():
 
 @bp.post("/create/embedding")
 def create_embedding():
-    from ..training.a1111 import create_embedding as create
+    from .training import create_embedding as create
     body = body_json()
     state().admit()  # it waits in the generation queue
     with state().track():
@@ -415,8 +415,8 @@ def create_embedding():
 
 @bp.post("/train/embedding")
 def train_embedding():
-    """Synchronous, as A1111's: the answer comes when training ends (sdfc/training/a1111.py)."""
-    from ..training.a1111 import train_embedding as train
+    """Synchronous, as A1111's: the answer comes when training ends (sdfc/api/training.py)."""
+    from .training import train_embedding as train
     body = body_json()
     state().admit()  # it waits in the generation queue
     with state().track():

@@ -52,6 +52,8 @@ class ApiState:
         self._engine = engine
         self._engine_lock = threading.Lock()
         self.options = Options()
+        if engine is not None:
+            self.options.watch("sd_checkpoint_cache", engine.set_checkpoint_cache)
         self.queue = FifoLock()
         self.job: RunningJob | None = None
         self.last_job_timestamp = ""
@@ -69,7 +71,11 @@ class ApiState:
                 self._engine = Engine(self.settings.models_dir, device=self.settings.device,
                                       default_model=self.settings.default_model,
                                       embeddings_dir=self.settings.embeddings_dir,
-                                      lora_dir=self.settings.lora_dir)
+                                      lora_dir=self.settings.lora_dir,
+                                      model_memory_bytes=self.settings.model_memory_bytes,
+                                      cuda=self.settings.cuda)
+                # POST /options' sd_checkpoint_cache bounds the engine's model cache from now on.
+                self.options.watch("sd_checkpoint_cache", self._engine.set_checkpoint_cache)
                 self.options.update(self.model_options())
             return self._engine
 

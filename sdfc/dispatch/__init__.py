@@ -79,7 +79,10 @@ def build_transport(settings: Settings, credentials: CredentialSource,
 def build_pipeline(settings: Settings, outputs: OutputsStore,
                    local_handler: Callable[[bytes], object] | None = None) -> RecordPipeline:
     credentials = CredentialSource()
-    dispatcher = Dispatcher(Spool(settings.spool_dir), build_transport(settings, credentials, local_handler),
+    # In FC the spool is on the NAS (SDFC_SPOOL_DIR), shared by every instance: each writes its own folder and
+    # adopts what a recycled one left behind.
+    spool = Spool(settings.spool_dir, instance=settings.fc_instance_id if settings.in_fc else None)
+    dispatcher = Dispatcher(spool, build_transport(settings, credentials, local_handler),
                             outputs, queue_size=settings.dispatch_queue_size,
                             max_backoff_s=settings.dispatch_max_backoff_s,
                             drain_timeout_s=settings.dispatch_drain_s)

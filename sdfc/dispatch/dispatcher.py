@@ -139,6 +139,11 @@ class Dispatcher:
     # Worker side -----------------------------------------------------------------------------------------
     def _rescan_locked(self) -> None:
         self._rescan = False
+        try:
+            if adopted := self.spool.adopt_orphans():
+                log.info("adopted %d record(s) a recycled instance left in the shared spool", adopted)
+        except OSError:
+            log.exception("could not look for other instances' records in the spool; going on with ours")
         for name in self.spool.names():
             if name not in self._known:
                 if len(self._pending) >= self.queue_size:

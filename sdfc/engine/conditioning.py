@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .lora import strip_extra_networks
-from .prompt_chunks import PromptChunker, encode_texts, make_clip_encode_fn, pad_to_same_length
+from .prompt_chunks import SD1_EOS, PromptChunker, encode_texts, make_clip_encode_fn, pad_to_same_length
 from .prompt_parser import (get_learned_conditioning_prompt_schedules, get_multicond_prompt_list,
                             schedule_index_at_call)
 
@@ -26,6 +26,10 @@ class ScheduledCond:
     def at(self, call: int) -> np.ndarray:
         schedule = [[end, None] for end in self.end_at_steps]
         return self.tensors[schedule_index_at_call(schedule, call)]
+
+    def unet_inputs_at(self, call: int) -> dict:
+        """UNet inputs besides the hidden states for this text (SDXL's pooled text and size ids; none here)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,13 @@ class BatchConditioning:
         uncond = np.stack(pad_to_same_length([u.at(call) for u in self.uncond]))
         return cond, weights, uncond
 
+    def unet_inputs(self, call: int) -> tuple[dict, dict]:
+        """The extra UNet inputs ({name: rows}) of the cond rows and of the uncond rows, in `at`'s row order."""
+        def stacked(per_row: list[dict]) -> dict:
+            return {name: np.stack([row[name] for row in per_row]) for name in (per_row[0] if per_row else {})}
+        cond = [scheduled.unet_inputs_at(call) for subprompts in self.cond for scheduled, _ in subprompts]
+        return stacked(cond), stacked([u.unet_inputs_at(call) for u in self.uncond])
+
 
 class PromptEncoder:
     """Text → hidden states with A1111's chunking, emphasis and clip skip, cached per prompt."""
@@ -56,7 +67,9 @@ class PromptEncoder:
         self.model = model
         self.emphasis = emphasis
         self.clip_skip = clip_skip
-        self.chunker = PromptChunker(make_clip_encode_fn(model.tokenizer),
+        # CLIP ViT-L pads a chunk with its end token, OpenCLIP (SD 2.x) with 0 (A1111's id_pad).
+        pad = SD1_EOS if model.info.arch.text_encoders[0].pad_with_end_token else 0
+        self.chunker = PromptChunker(make_clip_encode_fn(model.tokenizer), pad=pad,
                                      comma_padding_backtrack=comma_padding_backtrack,
                                      embeddings=getattr(model, "embeddings", None))
         self._cache: dict[tuple[str, int], ScheduledCond] = {}

@@ -186,11 +186,12 @@ def _crop(latents: np.ndarray, truncate: tuple[int, int]) -> np.ndarray:
     return latents[:, :, ty // 2:h - (ty + 1) // 2, tx // 2:w - (tx + 1) // 2]
 
 
-def _pixel_upscale(engine, model, latents: np.ndarray, size: tuple[int, int], upscaler: str) -> np.ndarray:
+def _pixel_upscale(engine, model, latents: np.ndarray, size: tuple[int, int], upscaler: str,
+                   auto_vae_precision: bool = True) -> np.ndarray:
     """Decode, resize the 8-bit images, encode again (A1111: truncation to uint8, images in [0, 1] → [-1, 1])."""
     encoded = []
     for latent in latents:  # one image at a time: one decoded image alive
-        image = Image.fromarray((engine._decode(model, latent) * 255).astype(np.uint8))
+        image = Image.fromarray((engine._decode(model, latent, auto_vae_precision) * 255).astype(np.uint8))
         image = upscale_image(image, size[0], size[1], upscaler)
         pixels = np.moveaxis(np.asarray(image, dtype=np.float32) / np.float32(255), 2, 0)
         encoded.append(model.vae_encode((pixels * 2 - 1)[None])[0])
@@ -205,7 +206,7 @@ def upscale(engine, model, req, latents: np.ndarray) -> np.ndarray:
         w, h = p.upscale_to
         up = upscale_latents(latents, (h // LATENT_FACTOR, w // LATENT_FACTOR), name)
     else:
-        up = _pixel_upscale(engine, model, latents, p.upscale_to, name)
+        up = _pixel_upscale(engine, model, latents, p.upscale_to, name, req.auto_vae_precision)
     return np.ascontiguousarray(_crop(up, p.truncate), dtype=np.float32)
 
 

@@ -232,6 +232,15 @@ class LoraSessions:
             self._sets.move_to_end(key)
         return model.with_sessions(sessions), hashes_infotext(files)
 
+    def resident_bytes(self, model_path: Path) -> int:
+        """What the kept sets hold (counted by the model cache): each merged session has its own copy of its
+        component's weights, the merged ones in its initializer arrays, the others read again from the file."""
+        from .memory import component_weights_bytes
+
+        with self._lock:
+            components = [component for sessions in self._sets.values() for component in sessions]
+        return sum(component_weights_bytes(model_path, component) for component in components)
+
 
 def hashes_infotext(files: list[tuple[NetworkUse, LoraFile]]) -> dict:
     """A1111's "Lora hashes" entry: `alias: shorthash` per LoRA used."""

@@ -42,6 +42,7 @@ class MemoryProfile:
     weights_bytes: int
     # The seamless (tiling) UNet and VAE sessions, once built, hold their own prepacked copy of those weights.
     tiled_weights_bytes: int = 0
+    vae_dtype_bytes: int = 0  # the VAE's activations (0: dtype_bytes, the UNet's); may differ (precision.py)
 
     def request_bytes(self, width: int, height: int, batch_size: int = 1, n_images: int = 1,
                       cond_rows: int = 1, context_tokens: int = 77, init_images: int = 0,
@@ -63,7 +64,8 @@ class MemoryProfile:
             unet_attention = max(unet_attention, (self_attention + cross_attention) * rows)
         unet = unet_attention + ACTIVATION_COPIES * d * self.unet_channels * latent * rows
         vae_tokens = latent / (self.vae_attention_downscale ** 2)
-        vae_one = ATTENTION_COPIES * d * vae_tokens * vae_tokens + ACTIVATION_COPIES * d * self.vae_channels * pixels
+        v = self.vae_dtype_bytes or d
+        vae_one = ATTENTION_COPIES * v * vae_tokens * vae_tokens + ACTIVATION_COPIES * v * self.vae_channels * pixels
         vae = vae_one * max(1, init_images)  # the encoder takes every init image in one batch
         kept = RESULT_BYTES_PER_PIXEL * pixels * n_images + DECODED_BYTES_PER_PIXEL * init_pixels
         return int(max(unet, vae) + kept)
@@ -87,8 +89,17 @@ def _json(path: Path) -> dict:
         return {}
 
 
-def memory_profile(model_path: Path, precision: str = "fp32") -> MemoryProfile:
-    """The profile of an exported model folder; missing config values fall back to SD 1.x's."""
+def memory_profile(model_path: Path, precision: str = "fp32", component_precision: dict | None = None,
+                   fp32_vae_retry: bool = False) -> MemoryProfile:
+    """The profile of an exported model folder; missing config values fall back to SD 1.x's.
+
+    Activations are sized by each part's declared precision (`component_precision`, else `precision`); with
+    `fp32_vae_retry` (an fp16 VAE with its fp32 fallback decoder) the VAE's at fp32, since any job's decode
+    may be retried in fp32. Weights are the files' sizes, the fallback decoder's included for the same reason.
+    """
+    declared = component_precision or {}
+    unet_precision = declared.get("unet", precision)
+    vae_precision = "fp32" if fp32_vae_retry else declared.get("vae_decoder", precision)
     unet = _json(model_path / "unet" / "config.json")
     vae = _json(model_path / "vae_decoder" / "config.json")
     blocks = unet.get("down_block_types") or ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
@@ -104,7 +115,8 @@ def memory_profile(model_path: Path, precision: str = "fp32") -> MemoryProfile:
     tiled = sum(f.stat().st_size for c in TILED_COMPONENTS
                 for f in (model_path / c).glob("model.onnx*") if f.is_file())
     return MemoryProfile(
-        dtype_bytes=2 if precision == "fp16" else 4,
+        dtype_bytes=2 if unet_precision == "fp16" else 4,
+        vae_dtype_bytes=2 if vae_precision == "fp16" else 4,
         attention_levels=levels,
         unet_channels=int((unet.get("block_out_channels") or [320])[0]),
         vae_channels=int((vae.get("block_out_channels") or [128])[0]),
@@ -112,6 +124,12 @@ def memory_profile(model_path: Path, precision: str = "fp32") -> MemoryProfile:
         weights_bytes=weights,
         tiled_weights_bytes=tiled,
     )
+
+
+def component_weights_bytes(model_path: Path, component: str) -> int:
+    """The bytes of one component's graph and weights files: what each session of it holds (a LoRA-merged one
+    reads the weights it does not replace again from these files)."""
+    return sum(f.stat().st_size for f in (Path(model_path) / component).glob("model.onnx*") if f.is_file())
 
 
 # ---------------------------------------------------------------------------------------------

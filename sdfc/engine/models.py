@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, OutOfMemoryError
+from . import providers as providers_mod
 from . import tiling
+from .architectures import Architecture, check_distilled, check_prediction_type, find_architecture
 from .lora import LoraSessions
 from .memory import MemoryProfile, memory_profile
+from .precision import Fp32Decoder, input_dtypes, typed_feeds
 from .schedules import ModelSigmas, alphas_cumprod_from_config
 
 log = logging.getLogger("sdfc.engine")
@@ -30,10 +33,6 @@ OVERRIDE_BLOCKING_OPTIMIZERS = ("NchwcTransformer",)
 # The text encoder's token-embedding initializer, as torch.onnx names CLIPTextModel's parameter.
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 
 
 # How onnxruntime words a failed allocation (CPU arena, CUDA allocator, a C++ bad_alloc).
@@ -57,19 +56,40 @@ class ModelInfo:
     prediction_type: str
     clip_skip_outputs: tuple[tuple[int, str], ...] = ((1, "last_hidden_state"),)
     unet_in_channels: int = 4  # 9: an inpainting UNet (latent + mask + masked-image latent)
+    distilled: str | None = None  # "lcm" or "turbo": a few-step model meant for CFG 1 (architectures.DISTILLED)
+    # Each component's declared precision (manifest `component_precision`; older exports: `precision` for all)
+    # and the folders of fp32 twins of fp16 parts (manifest `fp32_fallback`: the VAE decoder's, precision.py).
+    component_precision: tuple[tuple[str, str], ...] = ()
+    fp32_fallback: tuple[tuple[str, str], ...] = ()
+    # A `--target cuda` export (models_export/cuda_target.py): graphs fused offline ("graph_optimization":
+    # "offline"), served without onnxruntime's extended and layout optimizations, and taking no LoRAs.
+    target: str = "cpu"
+    graph_optimization: str = "online"
+
+    def precision_of(self, component: str) -> str:
+        return dict(self.component_precision).get(component, self.precision)
+
+    def fp32_fallback_of(self, component: str) -> str | None:
+        return dict(self.fp32_fallback).get(component)
+
+    @property
+    def arch(self) -> Architecture:
+        """The architecture table's entry (read_model_info has checked the name)."""
+        return find_architecture(self.architecture, str(self.path))
 
     def clip_skip_problem(self, clip_skip: int) -> str | None:
         """Why this model cannot encode prompts at `clip_skip`, or None when it can."""
         outputs = dict(self.clip_skip_outputs)
-        if clip_skip in outputs:
-            return None
+        if clip_skip in outputs or not self.arch.clip_skip:
+            return None  # SD 2.x and SDXL encode at a fixed layer: A1111 ignores the option for them, and so do we
         return (f"CLIP skip {clip_skip} is not available for model {self.name!r} (available: "
                 f"{', '.join(map(str, sorted(outputs)))}; export with --clip-skip to add more)")
 
     @property
     def memory(self) -> MemoryProfile:
         """What a generation with this model costs in memory (read from its config files)."""
-        return memory_profile(self.path, self.precision)
+        return memory_profile(self.path, self.precision, dict(self.component_precision),
+                              fp32_vae_retry=self.fp32_fallback_of("vae_decoder") is not None)
 
     @property
     def title(self) -> str:
@@ -91,14 +111,21 @@ def read_model_info(path: Path) -> ModelInfo:
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{str(manifest_path)!r} is not valid JSON: {exc}") from None
     source = manifest.get("source", {})
+    # An unknown family or prediction type is refused here, not run as SD 1.x ε (which gives garbage).
+    where = f"{str(manifest_path)!r}"
+    architecture = find_architecture(manifest.get("architecture", "sd1"), where).name
     return ModelInfo(
         name=manifest.get("name") or path.name, path=path,
         sha256=source.get("sha256", ""), short_hash=source.get("short_hash", "")[:10],
-        precision=manifest.get("precision", "fp32"), architecture=manifest.get("architecture", "sd1"),
-        prediction_type=manifest.get("prediction_type", "epsilon"),
+        precision=manifest.get("precision", "fp32"), architecture=architecture,
+        prediction_type=check_prediction_type(manifest.get("prediction_type", "epsilon"), where),
+        distilled=check_distilled(manifest.get("distilled"), where),
         clip_skip_outputs=tuple(sorted((int(k), v) for k, v in
                                        (manifest.get("clip_skip_outputs") or {"1": "last_hidden_state"}).items())),
         unet_in_channels=int(manifest.get("unet_in_channels", 4)),
+        component_precision=tuple(sorted((manifest.get("component_precision") or {}).items())),
+        fp32_fallback=tuple(sorted((manifest.get("fp32_fallback") or {}).items())),
+        target=manifest.get("target", "cpu"), graph_optimization=manifest.get("graph_optimization", "online"),
     )
 
 
@@ -117,6 +144,18 @@ def scan_models(models_dir: str | Path) -> list[ModelInfo]:
     return found
 
 
+def load_tokenizer(info: ModelInfo):
+    """The model's BPE tokenizer, unpadded and untruncated (chunking is A1111's, prompt_chunks.py)."""
+    from tokenizers import Tokenizer
+
+    # An SDXL refiner has only the second tokenizer (same vocabulary; chunks are padded per encoder).
+    tokenizer_dir = "tokenizer" if (info.path / "tokenizer").is_dir() else "tokenizer_2"
+    tokenizer = Tokenizer.from_file(str(info.path / tokenizer_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
 _shared_arena_registered = False
 
 
@@ -133,36 +172,46 @@ def _register_shared_cpu_arena(ort) -> None:
 class OnnxModel:
     """The four ONNX sessions of one model plus what the runtime must know about them."""
 
-    def __init__(self, info: ModelInfo, device: str = "cpu", threads: int = 0):
+    circular = False  # True on the seamless view that tiled() returns
+
+    def __init__(self, info: ModelInfo, device: str = "cpu", threads: int = 0,
+                 cuda: providers_mod.CudaOptions | None = None):
         import onnxruntime as ort
 
-        if device not in PROVIDERS:
-            raise ValueError(f"unknown device {device!r}; valid devices: {', '.join(PROVIDERS)}")
         self.info = info
         self.device = device
         self.threads = threads
-        self.sessions = {c: self._session(ort, c, self._options(ort)) for c in COMPONENTS}
+        self.providers_asked = providers_mod.providers_for(device, cuda)  # raises for an unknown device
+        missing = [c for c in info.arch.components if not (info.path / c / "model.onnx").is_file()]
+        if missing:
+            raise ModelLoadError(f"model {info.name!r} in {str(info.path)!r} is declared {info.architecture!r} "
+                                 f"but lacks its component(s) {', '.join(missing)} (no model.onnx)")
+        self.sessions = {c: self._session(ort, c, self._options(ort)) for c in info.arch.components}
         # The seamless (tiling) variants of TILED_COMPONENTS: built on the first tiled request only, since
         # they hold a second copy of those parts' prepacked weights; then kept beside the normal ones.
         self._tiled_sessions: dict | None = None
         self._tiled_lock = threading.Lock()
         self.providers = self.sessions["unet"].get_providers()
-        if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
-            log.warning("CUDA was asked for but onnxruntime runs %s on %s: check the CUDA 13 / cuDNN 9 "
-                        "libraries", info.name, self.providers)
+        # Every component's providers: onnxruntime falls back to the CPU per session, quietly.
+        self.cpu_fallbacks = providers_mod.fallbacks({c: s.get_providers() for c, s in self.sessions.items()},
+                                                     device)
+        if self.cpu_fallbacks:
+            log.warning("CUDA was asked for but onnxruntime runs %s of %s on the CPU: check the NVIDIA driver and "
+                        "the image's CUDA / cuDNN libraries (README \"Which image\")",
+                        ", ".join(self.cpu_fallbacks), info.name)
         log.info("model %s loaded (%s, providers %s)", info.name, info.precision, self.providers)
-        self.dtype = np.float16 if self.sessions["unet"].get_inputs()[0].type == "tensor(float16)" \
-            else np.float32
+        # Every input is fed in its own dtype (precision.typed_feeds); an fp16 timestep is an older fp16 export's.
+        if input_dtypes(self.sessions["unet"]).get("timestep") == np.float16:
+            log.warning("model %s: its UNet takes the timestep as float16, which rounds fractional timesteps "
+                        "(k-diffusion samplers); export it again for a float32 timestep", info.name)
+        self.fp32_vae = Fp32Decoder(info.fp32_fallback_of("vae_decoder"))  # shared by this model's views
         self._timestep = self.sessions["unet"].get_inputs()[1]
         scheduler = json.loads((info.path / "scheduler" / "scheduler_config.json").read_text())
         self.sigmas = ModelSigmas(alphas_cumprod_from_config(scheduler))
         vae = json.loads((info.path / "vae_decoder" / "config.json").read_text())
         self.vae_scaling_factor = float(vae.get("scaling_factor", 0.18215))
         self.num_train_timesteps = int(scheduler.get("num_train_timesteps", 1000))
-        from tokenizers import Tokenizer
-        self.tokenizer = Tokenizer.from_file(str(info.path / "tokenizer" / "tokenizer.json"))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.tokenizer = load_tokenizer(info)
         self.embeddings = None  # EmbeddingVocabulary once set_embeddings ran (sdfc/engine/embeddings.py)
         self._embedding_table = None
         self._weight_maps = None
@@ -170,11 +219,15 @@ class OnnxModel:
 
     def _options(self, ort):
         options = ort.SessionOptions()
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-        # Memory patterns pre-plan each run's buffers and keep them: +76 MB (UNet) and +116 MB (VAE) on
-        # the second run of a 50 M-parameter model, for no measured speed gain (bench findings).
-        options.enable_mem_pattern = False
+        providers_mod.tune_session_options(options, self.device, self.threads)
+        if self.device == "cpu":
+            # Memory patterns pre-plan each run's buffers and keep them: +76 MB (UNet) and +116 MB (VAE) on
+            # the second run of a 50 M-parameter model, for no measured speed gain (CPU bench findings). On CUDA
+            # onnxruntime's default (on) stays: nothing was measured there.
+            options.enable_mem_pattern = False
+        if self.info.graph_optimization == "offline":
+            # Fused offline: only the basic, provider-independent rewrites (constant folding) are left to do.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if self.device == "cpu":
             # One arena shared by every session of the process, growing only by what is asked for,
             # instead of one doubling arena per session.
@@ -189,12 +242,12 @@ class OnnxModel:
         kwargs = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
         try:
             if not circular:
-                return ort.InferenceSession(str(path), options, providers=PROVIDERS[self.device], **kwargs)
+                return ort.InferenceSession(str(path), options, providers=self.providers_asked, **kwargs)
             # The rewritten graph goes in as bytes; its weights still come from the data file beside `path`.
             graph, changed = tiling.circular_graph_bytes(path)
             options.add_session_config_entry(tiling.EXTERNAL_DATA_FOLDER_KEY, str(path.parent.resolve()))
             log.info("tiling: %d convolutions of %s/%s made circular", changed, self.info.name, component)
-            return ort.InferenceSession(graph, options, providers=PROVIDERS[self.device], **kwargs)
+            return ort.InferenceSession(graph, options, providers=self.providers_asked, **kwargs)
         except tiling.TilingError as exc:
             raise ModelLoadError(f"cannot make {str(path)!r} seamless: {exc}") from None
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
@@ -210,6 +263,10 @@ class OnnxModel:
     def tiled(self) -> "OnnxModel":
         """This model with seamless UNet and VAE (A1111's tiling): a view sharing everything but those
         sessions, which are built on the first call and cached on this model."""
+        if self.info.target == "cuda":  # tiling.py rewrites ONNX Conv nodes only, not the fused NhwcConv
+            raise InvalidRequestError(f"seamless tiling is not supported on model {self.info.name!r}: it is a "
+                                      "`--target cuda` export, whose fused NHWC convolutions cannot be made "
+                                      "circular; export it with --target cpu for tiling")
         with self._tiled_lock:
             if self._tiled_sessions is None:
                 import onnxruntime as ort
@@ -218,13 +275,13 @@ class OnnxModel:
                                         for c in tiling.TILED_COMPONENTS}
         view = copy.copy(self)
         view.sessions = {**self.sessions, **self._tiled_sessions}
+        view.circular = True
         return view
 
-    def _run(self, component: str, feeds: dict, output: str | None = None) -> np.ndarray:
+    def _run(self, component: str, feeds: dict, output: str | None = None, session=None) -> np.ndarray:
+        session = session or self.sessions[component]
         try:
-            out = self.sessions[component].run([output] if output else None,
-                                               {k: v.astype(self.dtype) if v.dtype.kind == "f" else v
-                                                for k, v in feeds.items()})[0]
+            out = session.run([output] if output else None, typed_feeds(session, feeds))[0]
             return out.astype(np.float32)
         except Exception as exc:  # onnxruntime's RuntimeException/Fail carry no type for "no memory"
             if is_allocation_failure(exc):
@@ -264,6 +321,10 @@ class OnnxModel:
 
     def weight_maps(self) -> dict[str, dict]:
         """Per component, each PyTorch weight's initializer (the export's weights_map.json; {} if absent)."""
+        if self.info.target == "cuda":
+            raise InvalidRequestError(f"LoRAs are not supported on model {self.info.name!r}: it is a `--target cuda` "
+                                      "export, whose fused graphs no longer hold each weight as one initializer "
+                                      "(packed attention, NHWC convolutions); export it with --target cpu for LoRAs")
         if self._weight_maps is None:
             maps = {}
             for component in ("unet", "text_encoder"):
@@ -284,21 +345,53 @@ class OnnxModel:
         problem = self.info.clip_skip_problem(clip_skip)
         if problem:
             raise InvalidRequestError(problem)
+        if not self.info.arch.clip_skip:
+            clip_skip = 1  # the encoder's fixed layer, whatever the option says (A1111)
         output = dict(self.info.clip_skip_outputs)[clip_skip]
         return self._run("text_encoder", {"input_ids": input_ids.astype(np.int64)}, output)
 
-    def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
-        """ε prediction. Fractional timesteps matter (k-diffusion): int64 graphs get them rounded."""
+    def encode_sdxl_tokens(self, component: str, input_ids: np.ndarray, pooled: bool):
+        """An SDXL text encoder's penultimate hidden states, and its projected pooled output when `pooled`."""
+        from .sdxl import POOLED_OUTPUT, penultimate_output
+
+        session = self.sessions[component]
+        names = [penultimate_output(session)] + ([POOLED_OUTPUT] if pooled else [])
+        try:
+            outs = session.run(names, typed_feeds(session, {"input_ids": input_ids.astype(np.int64)}))
+        except Exception as exc:
+            if is_allocation_failure(exc):
+                raise OutOfMemoryError(f"not enough memory to run the {component} of {self.info.name!r}") from exc
+            raise
+        return outs[0].astype(np.float32), (outs[1].astype(np.float32) if pooled else None)
+
+    def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray, **added_inputs) -> np.ndarray:
+        """ε prediction. Fractional timesteps matter (k-diffusion): int64 graphs get them rounded.
+        `added_inputs`: SDXL's text_embeds and time_ids, one row per sample row."""
         if self._timestep.type == "tensor(int64)":
             t = np.full((sample.shape[0],), round(timestep), dtype=np.int64)
         elif len(self._timestep.shape) == 0:
             t = np.asarray(timestep, dtype=np.float32)
         else:
             t = np.full((sample.shape[0],), timestep, dtype=np.float32)
-        return self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})
+        return self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context, **added_inputs})
 
     def vae_decode(self, latents: np.ndarray) -> np.ndarray:
+        """The raw decoded images; precision.decode_checked is the checked decode the pipeline uses."""
         return self._run("vae_decoder", {"latent_sample": latents / np.float32(self.vae_scaling_factor)})
+
+    @property
+    def has_fp32_vae_decoder(self) -> bool:
+        return self.fp32_vae.folder is not None
+
+    def vae_decode_fp32(self, latents: np.ndarray) -> np.ndarray:
+        """vae_decode with the export's fp32 decoder (an fp16 VAE's fallback), seamless in a tiled view."""
+        import onnxruntime as ort
+
+        session = self.fp32_vae.session(
+            lambda folder, circular: self._session(ort, folder, self._options(ort), circular=circular),
+            self.circular)
+        return self._run("vae_decoder", {"latent_sample": latents / np.float32(self.vae_scaling_factor)},
+                         session=session)
 
     def vae_encode(self, images: np.ndarray) -> np.ndarray:
         """Latent of images in [-1, 1]: the posterior mean (deterministic), times the scaling factor."""

@@ -23,11 +23,15 @@ from . import samplers as samplers_mod
 from . import schedules
 from . import embeddings as embeddings_mod
 from . import lora as lora_mod
+from . import sdxl as sdxl_mod
+from . import precision as precision_mod
 from .brownian import BrownianNoise
 from .conditioning import BatchConditioning, PromptEncoder
 from . import memory
+from .model_cache import DEFAULT_OTHERS, ModelCache, resident_bytes
 from .errors import Interrupted, InvalidRequestError, ModelNotFoundError, NaNError, OutOfMemoryError
-from .models import ModelInfo, OnnxModel, scan_models
+from .models import ModelInfo, OnnxModel, load_tokenizer, scan_models
+from .providers import CudaOptions
 from .rng import ImageRNG
 
 log = logging.getLogger("sdfc.engine")
@@ -79,6 +83,10 @@ class GenerationRequest:
     hires: hires_mod.HiresFix | None = None  # txt2img hires fix: a second pass at a larger size (hires.py)
     img2img_fix_steps: bool = False  # A1111's option: img2img runs exactly `steps` steps (hires always does)
     hires_base_steps: int | None = None  # set on a hires second pass: the first pass's prompt-schedule steps
+    refiner_checkpoint: str | None = None  # A1111 1.6+: the model that finishes sampling (sdxl.py)
+    refiner_switch_at: float | None = None  # the completed fraction at which it takes over (None: at once)
+    sdxl: sdxl_mod.SizeConditioning = field(default_factory=sdxl_mod.SizeConditioning)  # sdxl_crop_*, scores
+    auto_vae_precision: bool = True  # A1111's option: an fp16 VAE's NaNs are decoded again in fp32 (precision.py)
 
 
 @dataclass
@@ -149,25 +157,39 @@ class CFGDenoiser:
         self.calls = 0
         self.blend: inpaint_mod.LatentBlend | None = None  # inpainting: holds the known area (inpaint.py)
         self.image_cond: np.ndarray | None = None  # an inpainting UNet's 5 extra input channels per image
+        self.refiner = None  # sdxl.RefinerSwitch: hands the rest of sampling to the refiner (A1111's apply_refiner)
 
-    def _outputs(self, x_in: np.ndarray, t: float):
-        """Raw UNet outputs for the cond rows and the uncond rows, and which rows belong to which image."""
+    def cond_only(self, weights) -> bool:
+        """CFG 1 with one sub-prompt of weight 1 per image: the guided output is the cond output exactly, so
+        the uncond batch is not run (Forge's CFG-1 shortcut; A1111 1.10 runs it and gets the same up to
+        rounding). Turbo/LCM models sample this way."""
+        return self.cfg_scale == 1.0 and all(len(rows) == 1 and rows[0][1] == 1.0 for rows in weights)
+
+    def _outputs(self, x_in: np.ndarray, t: float, need_uncond: bool = False):
+        """Raw UNet outputs for the cond rows and the uncond rows (None when `cond_only`), and which rows
+        belong to which image."""
         self.control._check()
         cond, weights, uncond = self.conditioning.at(self.calls)
+        cond_in, uncond_in = self.conditioning.unet_inputs(self.calls)  # SDXL: pooled text, size ids per row
         self.calls += 1
         image_of_row = [i for i, rows in enumerate(weights) for _ in rows]
         if self.image_cond is not None:  # the conditioning rides along unscaled, cond and uncond alike
             x_in = np.concatenate([x_in, self.image_cond.astype(x_in.dtype)], axis=1)
         x_cond = x_in[image_of_row]
+        if not need_uncond and self.cond_only(weights):
+            return self.model.unet(x_cond, t, cond, **cond_in), None, weights, image_of_row
         if cond.shape[1:] == uncond.shape[1:]:
-            out = self.model.unet(np.concatenate([x_cond, x_in]), t, np.concatenate([cond, uncond]))
+            out = self.model.unet(np.concatenate([x_cond, x_in]), t, np.concatenate([cond, uncond]),
+                                  **{k: np.concatenate([cond_in[k], uncond_in[k]]) for k in cond_in})
             out_cond, out_uncond = out[: len(x_cond)], out[len(x_cond):]
         else:  # different prompt lengths cannot share a batch (§1.6)
-            out_cond = self.model.unet(x_cond, t, cond)
-            out_uncond = self.model.unet(x_in, t, uncond)
+            out_cond = self.model.unet(x_cond, t, cond, **cond_in)
+            out_uncond = self.model.unet(x_in, t, uncond, **uncond_in)
         return out_cond, out_uncond, weights, image_of_row
 
-    def _combine(self, cond: np.ndarray, uncond: np.ndarray, weights) -> np.ndarray:
+    def _combine(self, cond: np.ndarray, uncond: np.ndarray | None, weights) -> np.ndarray:
+        if uncond is None:  # cond_only: one row per image, in image order
+            return cond
         guided = uncond.copy()
         for i, rows in enumerate(weights):
             for row, weight in rows:
@@ -177,18 +199,42 @@ class CFGDenoiser:
     def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
         """D(x, σ) guided: k-diffusion's CompVis wrapping, CFG combined on the denoised outputs."""
         sigma = np.float32(sigma)
-        c_in = np.float32(1) / np.sqrt(sigma ** 2 + np.float32(1))
-        eps_c, eps_u, weights, image_of_row = self._outputs(x * c_in, self.model.sigmas.sigma_to_t(sigma))
-        return self._combine(x[image_of_row] - eps_c * sigma, x - eps_u * sigma, weights)
+        if self.refiner is not None:
+            self.refiner.check(self, sigma=sigma)
+        one = np.float32(1)
+        c_in = one / np.sqrt(sigma ** 2 + one)
+        out_c, out_u, weights, image_of_row = self._outputs(x * c_in, self.model.sigmas.sigma_to_t(sigma))
+        if self.model.info.prediction_type == "v_prediction":
+            # k-diffusion's V wrapping with σ_data = 1: D = v·c_out + x·c_skip (§3.1)
+            c_skip, c_out = one / (sigma ** 2 + one), -sigma / np.sqrt(sigma ** 2 + one)
+            denoised = lambda out, x_: out * c_out + x_ * c_skip  # noqa: E731
+        else:
+            denoised = lambda out, x_: x_ - out * sigma  # noqa: E731
+        return self._combine(denoised(out_c, x[image_of_row]),
+                             None if out_u is None else denoised(out_u, x), weights)
+
+    def _to_eps(self, out: np.ndarray, x_t: np.ndarray, timestep: float) -> np.ndarray:
+        """The UNet output as ε: a v prediction becomes sqrt(ᾱ)·v + sqrt(1 − ᾱ)·x_t, ᾱ at the timestep
+        truncated to an integer, as A1111's CompVisTimestepsVDenoiser (UniPC's times are fractional)."""
+        if self.model.info.prediction_type != "v_prediction":
+            return out
+        a = np.float64(self.model.sigmas.alphas_cumprod[int(timestep)])
+        return np.float32(np.sqrt(a)) * out + np.float32(np.sqrt(1 - a)) * x_t
 
     def eps(self, x: np.ndarray, timestep: float) -> np.ndarray:
         """Guided ε at an integer timestep, for the DDIM family."""
-        eps_c, eps_u, weights, _ = self._outputs(x, timestep)
-        return self._combine(eps_c, eps_u, weights)
+        if self.refiner is not None:
+            self.refiner.check(self, timestep=timestep)
+        eps_c, eps_u, weights, rows = self._outputs(x, timestep)
+        eps_u = None if eps_u is None else self._to_eps(eps_u, x, timestep)
+        return self._combine(self._to_eps(eps_c, x[rows], timestep), eps_u, weights)
 
     def eps_pair(self, x: np.ndarray, timestep: float, scale_multiplier: float = 1.0):
         """DDIM CFG++ (§2, §3.4): (guided ε with the CFG scale × `scale_multiplier`, uncond ε) of one call."""
-        eps_c, eps_u, weights, _ = self._outputs(x, timestep)
+        if self.refiner is not None:
+            self.refiner.check(self, timestep=timestep)
+        eps_c, eps_u, weights, rows = self._outputs(x, timestep, need_uncond=True)
+        eps_c, eps_u = self._to_eps(eps_c, x[rows], timestep), self._to_eps(eps_u, x, timestep)
         scale = self.cfg_scale
         self.cfg_scale = scale * scale_multiplier  # A1111: cond_scale * cond_scale_multiplier
         try:
@@ -252,19 +298,25 @@ class Engine:
     """Loads models from a folder once and runs generation jobs, one at a time per caller's lock."""
 
     def __init__(self, models_dir: str | Path, device: str = "cpu", default_model: str | None = None,
-                 threads: int = 0, embeddings_dir: str | Path | None = None, lora_dir: str | Path | None = None):
+                 threads: int = 0, embeddings_dir: str | Path | None = None, lora_dir: str | Path | None = None,
+                 checkpoint_cache: int = DEFAULT_OTHERS, model_memory_bytes: int | None = None,
+                 cuda: CudaOptions | None = None):
         self.models_dir = Path(models_dir)
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None  # textual inversion
         self.loras = lora_mod.LoraLibrary(Path(lora_dir) if lora_dir else None)
         self.device = device
         self.threads = threads
+        self.cuda = cuda  # the CUDA execution provider's options (providers.py); None: its defaults
         self.available = scan_models(self.models_dir)
-        self._loaded: dict[str, OnnxModel] = {}
+        # The loaded models: the current one + `checkpoint_cache` others (A1111's sd_checkpoint_cache), within
+        # `model_memory_bytes` (SDFC_MODEL_MEMORY_MB) when set (model_cache.py).
+        self.model_cache = ModelCache(self._open_model, checkpoint_cache, model_memory_bytes)
         self._lock = threading.Lock()
-        # Memory headroom, measured once after the first model load (then runtime and weights are counted).
+        self._tokenizers: dict = {}  # model name → tokenizer, for request checks of models not loaded
+        # Memory headroom, measured once after the first model load; what the models held then is added back,
+        # so that the budget follows what they hold now (models loaded, built or evicted since).
         self._headroom: int | None = None
-        self._measured_with: frozenset[str] = frozenset()
-        self._measured_tiled: frozenset[str] = frozenset()  # models whose seamless sessions were built then
+        self._free_without_models: int | None = None
         self._headroom_measured = False
         self.current = self.find_model(default_model) if default_model else self.available[0]
 
@@ -279,13 +331,36 @@ class Engine:
         raise ModelNotFoundError(f"model {wanted!r} not found; available models: {names}")
 
     def load(self, wanted: str | None = None) -> OnnxModel:
+        """The model `wanted` (default: the current one), from the cache or loaded into it. A job keeps the
+        model it got for its whole run, whatever the cache evicts meanwhile."""
         info = self.find_model(wanted) if wanted else self.current
+        return self.model_cache.get(info)
+
+    def tokenizer_of(self, wanted: str | None = None):
+        """The tokenizer of the model `wanted`, without loading its sessions: request checks run outside the
+        queue, and loading a model there would put it beside the one a running job uses."""
+        info = self.find_model(wanted) if wanted else self.current
+        models = self.model_cache.models()
+        if info.name in models:
+            return models[info.name].tokenizer
         with self._lock:
-            if info.name not in self._loaded:
-                model = OnnxModel(info, self.device, self.threads)
-                embeddings_mod.sync_embeddings(model, self.embeddings_dir)
-                self._loaded[info.name] = model
-            return self._loaded[info.name]
+            if info.name not in self._tokenizers:
+                self._tokenizers[info.name] = load_tokenizer(info)
+            return self._tokenizers[info.name]
+
+    def _open_model(self, info: ModelInfo) -> OnnxModel:
+        model = OnnxModel(info, self.device, self.threads, cuda=self.cuda)
+        embeddings_mod.sync_embeddings(model, sdxl_mod.embeddings_folder(info, self.embeddings_dir))
+        return model
+
+    @property
+    def _loaded(self) -> dict[str, OnnxModel]:
+        """The models the cache holds now (a snapshot, least recently used first)."""
+        return self.model_cache.models()
+
+    def set_checkpoint_cache(self, others: int) -> None:
+        """A1111's sd_checkpoint_cache: how many models stay loaded besides the current one."""
+        self.model_cache.set_others(int(others))
 
     def refresh_loras(self) -> None:
         """POST /refresh-loras: read the LoRA folder again."""
@@ -294,42 +369,43 @@ class Engine:
     def refresh_embeddings(self) -> None:
         """POST /refresh-embeddings: read the folder again for every loaded model."""
         with self._lock:
-            for model in self._loaded.values():
-                embeddings_mod.sync_embeddings(model, self.embeddings_dir, force=True)
+            for model in self.model_cache.models().values():
+                embeddings_mod.sync_embeddings(model, sdxl_mod.embeddings_folder(model.info, self.embeddings_dir),
+                                               force=True)
 
     def embeddings_of(self, wanted: str | None = None) -> embeddings_mod.EmbeddingDatabase:
         """The embeddings the model `wanted` (default: the current one) loads and skips."""
         return self.load(wanted).embeddings.db
 
     def memory_budget(self, info: ModelInfo, tiling: bool = False) -> int | None:
-        """Bytes one job with model `info` may use: a share of what was free once a model was loaded, less
-        the weights of every model loaded (or to be loaded for `info`) since, and of every seamless session set
-        built (or to be built for a `tiling` job) since. None: no figure for this device.
+        """Bytes one job with model `info` may use: a share of what was free once a model was loaded, with
+        what the loaded models held then added back and what they hold now taken off (weights, seamless
+        sessions, LoRA sets: model_cache.resident_bytes), as well as `info`'s weights if it is not loaded and
+        its seamless sessions if a `tiling` job would build them. None: no figure for this device.
         Measured once, so that the answer does not drift with what the arena keeps between jobs."""
         if not self._headroom_measured:
             self.load(info.name)
             with self._lock:
                 if not self._headroom_measured:
                     self._headroom = memory.headroom(self.device)
-                    self._measured_with = frozenset(self._loaded)
-                    self._measured_tiled = self._tiled_models()
+                    if self._headroom is not None:
+                        self._free_without_models = self._headroom + self.model_cache.total_bytes()
                     self._headroom_measured = True
                     log.info("memory headroom after loading %s: %s bytes", info.name, self._headroom)
         if self._headroom is None:
             return None
-        later = (set(self._loaded) | {info.name}) - self._measured_with
-        weights = sum(i.memory.weights_bytes for i in self.available if i.name in later)
-        with self._lock:
-            tiled = (self._tiled_models() | ({info.name} if tiling else set())) - self._measured_tiled
-        weights += sum(i.memory.tiled_weights_bytes for i in self.available if i.name in tiled)
-        return max(0, int(memory.BUDGET_FRACTION * (self._headroom - weights)))
-
-    def _tiled_models(self) -> frozenset[str]:
-        return frozenset(name for name, model in self._loaded.items() if model.tiled_resident)
+        loaded = self.model_cache.models()
+        held = sum(resident_bytes(model) for model in loaded.values())
+        model = loaded.get(info.name)
+        if model is None:
+            held += info.memory.weights_bytes
+        if tiling and (model is None or not model.tiled_resident):
+            held += info.memory.tiled_weights_bytes
+        return max(0, int(memory.BUDGET_FRACTION * (self._free_without_models - held)))
 
     def unload(self) -> None:
-        with self._lock:
-            self._loaded.clear()
+        """POST /unload-checkpoint: the cache is emptied (a running job keeps its model until it ends)."""
+        self.model_cache.clear()
 
     def generate(self, req: GenerationRequest, control: JobControl | None = None) -> GenerationResult:
         try:
@@ -344,7 +420,9 @@ class Engine:
         model = self.load(req.model)
         # Embedding files added, replaced or removed since the last job reach this one (as A1111). Only here,
         # between jobs (the API's queue runs one at a time), so that no job sees the table change under it.
-        embeddings_mod.sync_embeddings(model, self.embeddings_dir)
+        embeddings_mod.sync_embeddings(model, sdxl_mod.embeddings_folder(model.info, self.embeddings_dir))
+        sdxl_mod.check_request(req, model.info, self.embeddings_dir, model.tokenizer)
+        refiner = self._refiner(req, model)
         networks = lora_mod.parse_networks(req.prompt)  # as A1111: the batch's first prompt's LoRAs
         if req.tiling:
             model = model.tiled()  # every UNet and VAE call below (encode and decode) wraps around
@@ -362,7 +440,7 @@ class Engine:
             # Resize modes, mask, masked content, inpainting conditioning: one batch's worth (inpaint.py).
             img2img = inpaint_mod.prepare(req, model.vae_encode, model.info.unet_in_channels,
                                           seeds[:req.batch_size])
-        images, floats, interrupted = [], [], False
+        images, floats, interrupted, refiner_infotext = [], [], False, {}
         passes = 2 if req.hires is not None else 1  # as A1111: the hires pass is a job of its own
         control.job_count, control.job_no = req.n_iter * passes, 0
         for n in range(req.n_iter):
@@ -372,14 +450,20 @@ class Engine:
             control.job_no = n * passes
             batch = slice(n * req.batch_size, (n + 1) * req.batch_size)
             latent_init = img2img.init_latent if img2img is not None else None
+            switch = sdxl_mod.RefinerSwitch(refiner, req.refiner_switch_at) if refiner is not None else None
             latents, stopped = self._sample_batch(model, req, sampler, schedule, seeds[batch],
-                                                  subseeds[batch], latent_init, control, img2img=img2img)
+                                                  subseeds[batch], latent_init, control, img2img=img2img,
+                                                  refiner=switch)
+            # As A1111: once the refiner took over, it is the model that decodes (and the infotext says so).
+            decoder = switch.model if switch is not None and switch.done else model
+            if decoder is not model:
+                refiner_infotext = sdxl_mod.refiner_infotext(decoder.info, req.refiner_switch_at)
             if req.hires is not None:
                 latents, stopped = hires_mod.second_pass(self, model, req, sampler, schedule, seeds[batch],
                                                          subseeds[batch], latents, control)
             interrupted |= stopped and control.interrupted
             for row, latent in enumerate(latents):
-                image = self._decode(model, latent)
+                image = self._decode(decoder, latent, req.auto_vae_precision)
                 floats.append(image)
                 image = Image.fromarray((image * 255).astype(np.uint8))
                 # Inpainting: the original laid back over everything outside the mask.
@@ -391,11 +475,24 @@ class Engine:
             sampler_name=sampler.name, schedule_label=schedule.label if schedule else None,
             model=model.info, request=req, interrupted=interrupted,
             extra_generation_params={**(img2img.infotext if img2img is not None else {}), **lora_infotext,
-                                     **embeddings_mod.infotext(control.embeddings_used, model.embeddings)},
+                                     **embeddings_mod.infotext(control.embeddings_used, model.embeddings),
+                                     **refiner_infotext},
         )
 
+    def _refiner(self, req: GenerationRequest, model: OnnxModel) -> OnnxModel | None:
+        """The refiner a request names, loaded through the model cache (None: no refiner); unknown → 4xx."""
+        if not sdxl_mod.wants_refiner(req):
+            return None
+        try:
+            refiner = self.load(req.refiner_checkpoint)
+        except ModelNotFoundError as exc:
+            raise InvalidRequestError(f"refiner_checkpoint: {exc}") from None
+        embeddings_mod.sync_embeddings(refiner, sdxl_mod.embeddings_folder(refiner.info, self.embeddings_dir))
+        sdxl_mod.check_request(req, refiner.info, self.embeddings_dir, refiner.tokenizer)
+        return refiner.tiled() if req.tiling else refiner
+
     def _sample_batch(self, model, req, sampler, schedule, seeds, subseeds, init_latent, control,
-                      img2img: inpaint_mod.Img2ImgInit | None = None):
+                      img2img: inpaint_mod.Img2ImgInit | None = None, refiner: sdxl_mod.RefinerSwitch | None = None):
         shape = (4, req.height // 8, req.width // 8)
         rng = ImageRNG(shape, seeds, subseeds=subseeds, subseed_strength=req.subseed_strength,
                        seed_resize_from_h=req.seed_resize_from_h, seed_resize_from_w=req.seed_resize_from_w,
@@ -403,8 +500,7 @@ class Engine:
         noise = rng.first()
         if img2img is not None and req.initial_noise_multiplier != 1.0:
             noise = noise * np.float32(req.initial_noise_multiplier)  # A1111: the first noise only
-        encoder = PromptEncoder(model, emphasis=req.emphasis, clip_skip=req.clip_skip,
-                                comma_padding_backtrack=req.comma_padding_backtrack)
+        encoder = self._prompt_encoder(model, req)
         steps, hires_steps = sampler.prompt_schedule_steps(req.steps), None
         if req.hires_base_steps is not None:  # a hires second pass: prompt editing counts in both passes (§1.2)
             steps, hires_steps = req.hires_base_steps, steps
@@ -412,6 +508,10 @@ class Engine:
                                      hires_steps)
         control.embeddings_used.extend(encoder.chunker.used_embeddings)
         denoiser = CFGDenoiser(model, conditioning, req.cfg_scale, control)
+        if refiner is not None:  # the refiner's own conditioning (its encoders), for the same prompts and steps
+            refiner.conditioning = self._prompt_encoder(refiner.model, req).batch(
+                [req.prompt] * len(seeds), [req.negative_prompt] * len(seeds), steps, hires_steps)
+            denoiser.refiner = refiner
         if img2img is not None:
             denoiser.blend, denoiser.image_cond = img2img.blend, img2img.image_cond
         if denoiser.image_cond is None and model.info.unet_in_channels == inpaint_mod.INPAINT_UNET_CHANNELS:
@@ -436,8 +536,10 @@ class Engine:
             stopped = True
         if denoiser.blend is not None:
             x = denoiser.blend(x)  # as A1111: the known area is the init latent's, exactly
-        if np.isnan(x).all():
-            raise NaNError("a tensor with all NaNs was produced by the UNet (try fp32 or a lower cfg_scale)")
+        bad = precision_mod.non_finite_count(x)
+        if bad:  # one NaN is as wrong as all (A1111 checks only for all): it spreads over the image in the VAE
+            raise NaNError(f"a tensor with NaNs (or infinities: {bad} of {x.size} values) was produced by the UNet "
+                           f"of model {model.info.name!r} (try an fp32 model or a lower cfg_scale)")
         return x, stopped
 
     def _run_sigmas(self, model, req, sampler, schedule, noise, init_latent, rng, denoiser, control, on_step):
@@ -451,7 +553,8 @@ class Engine:
             denoiser = blend.after(denoiser)
         n, t_enc = samplers_mod.img2img_plan(req.steps, req.denoising_strength, req.img2img_fix_steps) \
             if init_latent is not None else (req.steps, None)
-        full = schedule.sigmas(n, model_sigmas, sampler.discard_next_to_last_sigma)
+        full = schedule.sigmas(n, model_sigmas, sampler.discard_next_to_last_sigma,
+                               sdxl=sdxl_mod.is_sdxl(model.info))  # Align Your Steps has SDXL's own
         sigmas = full
         if init_latent is not None:
             sigmas = full[n - t_enc - 1:]
@@ -508,8 +611,13 @@ class Engine:
         return sampler.function(eps_model, x, timesteps, ac, rng.next, on_step, **kwargs)
 
     @staticmethod
-    def _decode(model: OnnxModel, latent: np.ndarray) -> np.ndarray:
-        decoded = model.vae_decode(latent[None])[0]
-        if np.isnan(decoded).all():
-            raise NaNError("a tensor with all NaNs was produced by the VAE")
+    def _prompt_encoder(model: OnnxModel, req: GenerationRequest):
+        return sdxl_mod.prompt_encoder(model, req) or PromptEncoder(
+            model, emphasis=req.emphasis, clip_skip=req.clip_skip, comma_padding_backtrack=req.comma_padding_backtrack)
+
+    @staticmethod
+    def _decode(model: OnnxModel, latent: np.ndarray, auto_vae_precision: bool = True) -> np.ndarray:
+        """One latent as an (H, W, 3) image in [0, 1]; every value finite, an fp16 VAE's overflow decoded again
+        in fp32 when `auto_vae_precision` (precision.py), or a NaNError."""
+        decoded = precision_mod.decode_checked(model, latent[None], auto_vae_precision)[0]
         return np.clip((np.moveaxis(decoded, 0, 2) + 1.0) / 2.0, 0.0, 1.0)

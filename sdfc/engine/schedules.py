@@ -6,6 +6,8 @@ schedule ends with an appended 0 unless noted.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -236,11 +238,16 @@ class Schedule:
     label: str  # what the UI, the API and infotexts show ("Karras")
     build: object
 
-    def sigmas(self, n: int, model: ModelSigmas, discard_next_to_last: bool = False) -> np.ndarray:
+    def sigmas(self, n: int, model: ModelSigmas, discard_next_to_last: bool = False,
+               sdxl: bool = False) -> np.ndarray:
+        """`sdxl`: the model is SDXL (base or refiner), for schedules with SDXL's own values (Align Your Steps)."""
+        build = self.build
+        if sdxl and "sdxl" in inspect.signature(build).parameters:
+            build = functools.partial(build, sdxl=True)
         if not discard_next_to_last:
-            return self.build(n, model)
+            return build(n, model)
         # DPM2 and friends: one more step, then drop the value before the final 0.
-        sigmas = self.build(n + 1, model)
+        sigmas = build(n + 1, model)
         return np.concatenate([sigmas[:-2], sigmas[-1:]])
 
 

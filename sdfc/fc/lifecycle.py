@@ -8,10 +8,11 @@ clients cannot (sdfc/fc/gateway.py); anything else gets 404, as for a route that
 event that the app would route to a hook (itself included), however the path is spelled.
 
 The server listens before any model is loaded (FC wants a listening port within 120 s); `/initialize` then
-creates the ONNX sessions and runs one denoising step at the smallest size (up to 300 s are allowed), so that
-the first client does not pay for reading the weights, session creation, CUDA context set-up, kernel loading
-and cuDNN's algorithm search. That search is per input shape: SDFC_WARMUP_SIZE=512 also covers the shapes of
-512x512 requests, for a few more seconds of initializer.
+creates the ONNX sessions and runs one denoising step at each size of SDFC_WARMUP_SIZES (up to 300 s are
+allowed), so that the first client does not pay for reading the weights, session creation, CUDA context set-up,
+kernel loading, the arena's growth and cuDNN's algorithm search. That search is per input shape, so each size
+is warmed with the UNet batches requests use: 2 (prompt and negative prompt, any CFG scale but 1) and 1 (CFG
+scale 1, where no unconditional batch runs).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from flask import Blueprint, Flask, current_app, g, request
 from ..api.auth import platform_hook, platform_hook_of
 from ..api.errors import a1111_error, json_response
 from ..api.state import ANSWERS_SENT, DEFAULT_DRAIN_S, drain_seconds
-from ..engine import GenerationRequest
+from ..engine import GenerationRequest, device_info
 from ..jobs.api import EXTENSION as JOBS_EXTENSION
 from ..jobs.fc_async import task_of_event
 from . import events, gateway
@@ -35,19 +36,37 @@ from . import events, gateway
 log = logging.getLogger("sdfc.fc")
 bp = Blueprint("fc", __name__)
 EXTENSION = "sdfc.fc"
-SMALLEST_SIZE = 64  # A1111's minimum width/height: an 8×8 latent
+DEFAULT_WARMUP_SIZES = "512x512"  # SD 1.x's size: what most requests ask for
+# The CFG scales of the warm-up jobs: 7 runs the UNet on batch 2 (cond + uncond), 1 on batch 1.
+WARMUP_CFG_SCALES = (7.0, 1.0)
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """`512x512,768x512` → ((512, 512), (768, 512)); "" or "0" → none. WxH, each a multiple of 8."""
+    sizes = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if part in ("", "0", "none"):
+            continue
+        try:
+            width, height = (int(v) for v in part.split("x"))
+        except ValueError:
+            raise ValueError(f"SDFC_WARMUP_SIZES: {part!r} is not WIDTHxHEIGHT (e.g. 512x512)") from None
+        if width < 8 or height < 8 or width % 8 or height % 8:
+            raise ValueError(f"SDFC_WARMUP_SIZES: {part!r} must be multiples of 8 of at least 8")
+        sizes.append((width, height))
+    return tuple(sizes)
 
 
 @dataclass
 class LifecycleConfig:
-    warmup_size: int = SMALLEST_SIZE  # 0 skips the warm-up step
+    warmup_sizes: tuple[tuple[int, int], ...] = parse_sizes(DEFAULT_WARMUP_SIZES)  # () skips the warm-up
     require_cuda: bool = False        # fail /initialize when onnxruntime fell back to the CPU
     drain_s: float = DEFAULT_DRAIN_S  # under FC's 90 s PreStop limit
 
     @classmethod
     def from_env(cls, env=None) -> "LifecycleConfig":
         env = os.environ if env is None else env
-        return cls(warmup_size=int(env.get("SDFC_WARMUP_SIZE") or SMALLEST_SIZE),
+        return cls(warmup_sizes=parse_sizes(env.get("SDFC_WARMUP_SIZES", DEFAULT_WARMUP_SIZES)),
                    require_cuda=env.get("SDFC_REQUIRE_CUDA", "0") in ("1", "true", "yes"),
                    drain_s=drain_seconds(env))
 
@@ -81,11 +100,15 @@ def initialize():
         if lifecycle.ready is None:
             lifecycle.ready = _load_and_warm(api, lifecycle.config)
         report = lifecycle.ready
-    if lifecycle.config.require_cuda and "CUDAExecutionProvider" not in report["providers"]:
+    if lifecycle.config.require_cuda and (report["cpu_fallbacks"] or "CUDAExecutionProvider" not in
+                                          report["providers"]):
         lifecycle.ready = None
-        return a1111_error(500, "RuntimeError", "SDFC_REQUIRE_CUDA is set but onnxruntime runs on "
-                           f"{report['providers']}: the image lacks the CUDA 13 / cuDNN 9 libraries or no GPU "
-                           "is attached")
+        stack = report["gpu_stack"]
+        return a1111_error(500, "RuntimeError", "SDFC_REQUIRE_CUDA is set but onnxruntime runs "
+                           f"{', '.join(report['cpu_fallbacks']) or 'the model'} on the CPU: no GPU is attached, "
+                           "or the driver is too old for this image's "
+                           f"CUDA (driver {stack['driver']}, supports CUDA {stack['driver_cuda']}; the CUDA 13 "
+                           "image needs 13.0, else build with --build-arg CUDA=12)")
     return json_response(report)
 
 
@@ -94,13 +117,20 @@ def _load_and_warm(api, config: LifecycleConfig) -> dict:
     engine = api.engine            # scans the models folder
     model = engine.load()          # creates the four ONNX sessions
     loaded = time.perf_counter()
-    if config.warmup_size:
-        size = config.warmup_size
-        with api.queue:            # the warm-up is a job like any other: never beside a client's
-            engine.generate(GenerationRequest(prompt="", width=size, height=size, steps=1, seed=0))
+    warmed = {}
+    for width, height in config.warmup_sizes:
+        began = time.perf_counter()
+        for cfg_scale in WARMUP_CFG_SCALES:
+            with api.queue:        # each warm-up is a job like any other: never beside a client's
+                engine.generate(GenerationRequest(prompt="", width=width, height=height, steps=1, seed=0,
+                                                  cfg_scale=cfg_scale))
+        warmed[f"{width}x{height}"] = round(time.perf_counter() - began, 3)
     report = {"model": model.info.title, "providers": list(model.providers),
+              "cpu_fallbacks": list(model.cpu_fallbacks),  # components CUDA was asked for but the CPU runs
               "load_s": round(loaded - started, 3), "warmup_s": round(time.perf_counter() - loaded, 3),
-              "warmup_size": config.warmup_size}
+              "warmup_sizes": warmed,
+              # Read after the sessions exist, when onnxruntime has loaded its CUDA libraries (all None on a CPU).
+              "gpu_stack": device_info.gpu_stack()}
     log.info("initialized: %s", report)
     return report
 
@@ -130,10 +160,7 @@ def invoke():
     task_id = task_of_event(request.get_data()) if jobs is not None else None
     if task_id is not None:  # a task handed to FC's async queue (sdfc/jobs/fc_async.py): run it here
         status, body = jobs.run_handed_off(task_id)
-        response = json_response(body, status)
-        if status >= 400:
-            response.headers["x-fc-status"] = "404"  # FC retries it, on an instance that is not going away
-        return response
+        return _mark_for_fc(json_response(body, status), status)
     try:
         call = events.call_from_event(request.get_data())
         # The invocation's trusted x-fc-* headers (role credentials) travel on; none outside FC, and never the
@@ -148,9 +175,21 @@ def invoke():
     if platform_hook_of(app, events.endpoint_for(app, environ)) is not None:
         return _event_failed(400, f"{call.path} is one of FC's hooks and cannot be called through /invoke")
     result = events.run_environ(app, environ)
-    response = json_response(result)
-    if result["statusCode"] >= 400:
-        response.headers["x-fc-status"] = "404"  # FC counts the invocation failed: async retries apply
+    return _mark_for_fc(json_response(result), result["statusCode"])
+
+
+def worth_retrying(status: int) -> bool:
+    """Whether FC should count an event's answer as a failed invocation (async retries, then onFailure):
+    a server-side failure or a full queue may pass on another try; a 4xx (bad credentials, a request that
+    fails validation) fails the same way every time, and each retry would wake a GPU instance for nothing."""
+    return status >= 500 or status == 429
+
+
+def _mark_for_fc(response, status: int):
+    if worth_retrying(status):
+        response.headers["x-fc-status"] = "404"  # FC's custom-container signal for a failed invocation
+    elif status >= 400:
+        log.warning("event answered %d: not retried (a client error fails the same way every time)", status)
     return response
 
 
@@ -159,6 +198,4 @@ def _settings():
 
 
 def _event_failed(status: int, detail: str):
-    response = a1111_error(status, "EventError", detail)
-    response.headers["x-fc-status"] = "404"
-    return response
+    return _mark_for_fc(a1111_error(status, "EventError", detail), status)

@@ -22,6 +22,7 @@ from ..pricing import Pricing
 from .fc_async import FcHandOff
 from .runner import TaskRunner, new_payload_key, result_key
 from .store import TaskStore
+from .training_requests import TRAINING_TYPES
 from .worker import LocalWorker
 
 __all__ = ["JobsRoom", "build_jobs", "TaskStore", "TaskRunner", "Pricing"]
@@ -91,6 +92,13 @@ class JobsRoom:
         return 200, {"task_id": task_id, "ran": True, "status": outcome}
 
 
+def by_type(generation: Callable[[dict], None], training: Callable[[dict], None]) -> Callable[[dict], None]:
+    """A hand-off that sends train tasks one way (the training function) and generations another."""
+    def hand_off(task: dict) -> None:
+        (training if task["type"] in TRAINING_TYPES else generation)(task)
+    return hand_off
+
+
 def build_jobs(settings, records: RecordStore, outputs: OutputsStore, api_state, credentials=None) -> JobsRoom:
     """`settings.task_worker`: `local` (this process's worker runs queued tasks), `fc` (each task is an FC
     async invocation of `settings.task_function`, with the FC role `credentials`), `off` (answers only)."""
@@ -111,4 +119,7 @@ def build_jobs(settings, records: RecordStore, outputs: OutputsStore, api_state,
         from ..dispatch import fc_endpoint
         from ..dispatch.transports import Fc3Transport
         room.hand_off = FcHandOff(Fc3Transport(settings.task_function, fc_endpoint(settings), credentials))
+        if settings.training_function:  # train tasks go to the function with torch (sdfc/training/function.py)
+            room.hand_off = by_type(room.hand_off, FcHandOff(Fc3Transport(settings.training_function,
+                                                                          fc_endpoint(settings), credentials)))
     return room

@@ -129,9 +129,9 @@ def submit_img2img():
 
 
 def _submit_training(kind: str):
-    """A training job (sdfc/training/tasks.py validates it; the runner runs it)."""
+    """A training job (sdfc/jobs/training_requests.py validates it; the runner runs it in a child process)."""
     from ..api.routes import body_json
-    from ..training.tasks import KINDS, validate
+    from .training_requests import KINDS, validate
 
     settings = current_app.extensions["sdfc"].settings
     values = validate(body_json(), settings.training_dir, getattr(settings, KINDS[kind][2]), kind)

@@ -105,8 +105,8 @@ class TaskRunner:
         try:
             values = json.loads(self.outputs.get(task["payload_key"]))
             with self.api.track():  # a drain waits for tasks as for requests
-                if task["type"].startswith("train-"):  # sdfc/training: LoRA and embedding training
-                    from ..training.tasks import run_training_task
+                if task["type"].startswith("train-"):  # LoRA and embedding training, in a child process
+                    from .training import run_training_task
                     body = run_training_task(self.api, values, control, task["type"])
                 else:
                     body = run_generation(self.api, values, task["type"], request_id=task_id, control=control,

@@ -1,20 +1,20 @@
-"""Training your own LoRAs: a separate job with torch, diffusers and peft, never imported by serving code.
+"""Training your own LoRAs and embeddings: torch, diffusers and peft, outside the serving package's import graph.
 
-The serving image has no torch; this room imports it lazily, inside the functions that train. It reads a base
-model in diffusers form (the ONNX export cannot be trained) and a folder of captioned images, and writes a
-kohya-style LoRA `.safetensors` into the LoRA folder that the engine (sdfc/engine/lora.py) reads, or an A1111
-textual-inversion embedding into the embeddings folder (sdfc/engine/embeddings.py).
+Only `sdfc train` and the training child process (`python -m sdfc.training run CONFIG.json`, which the task runner
+starts locally and the training function starts in FC) import this room; no serving composition does (a test
+holds them to it). It reads a base model in diffusers form (the ONNX export cannot be trained) and a folder of
+captioned images, and writes a kohya-style LoRA `.safetensors` into the LoRA folder that the engine
+(sdfc/engine/lora.py) reads, or an A1111 textual-inversion embedding into the embeddings folder.
 
 - dataset.py: images, captions and aspect-ratio buckets (PIL and numpy only)
 - kohya.py: PEFT weights to kohya keys, and the `ss_*` metadata the ecosystem reads
 - lora_trainer.py: the LoRA training loop and the loss both trainers use (torch)
 - embedding_trainer.py: textual inversion (torch)
-- tasks.py: the `train-lora` / `train-embedding` tasks: hostile request validation, and running them for the
-  task runner (sdfc/jobs/runner.py)
+- child.py: one run in its own process, its progress as JSON lines on stdout (sdfc/jobs/training.py reads them)
+- function.py: the FC training function: runs the train tasks sd-api hands to it by async invocation
 - cli.py: `sdfc train lora|embedding`
+
+What the serving side needs without torch lives there: the task requests, their validation and path confinement
+(sdfc/jobs/training_requests.py), the child's driver (sdfc/jobs/training.py) and A1111's create/train embedding
+routes (sdfc/api/training.py).
 """
-from __future__ import annotations
-
-from .dataset import DatasetError
-
-__all__ = ["DatasetError"]

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import tasks
+from ..jobs import training_requests as tasks
 
 
 def _bounded(kind, low, high):

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# The folder's rules (which files are images, no symlinks) are the serving side's, which validates requests.
+from ..jobs.training_requests import IMAGE_SUFFIXES, DatasetError, image_paths
+from ..jobs.training_requests import plain_file as _plain_file
+
 MAX_SOURCE_PIXELS = 40_000_000  # refuse decompression bombs before decoding
 MAX_CAPTION_CHARS = 2000
-
-
-class DatasetError(ValueError):
-    """Training images that cannot be used (none, unreadable, no caption)."""
 
 
 @dataclass(frozen=True)
@@ -24,18 +23,6 @@ class TrainingImage:
     caption: str
     size: tuple[int, int]       # the source (width, height)
     bucket: tuple[int, int]     # the (width, height) it is trained at
-
-
-def image_paths(folder: Path) -> list[Path]:
-    """The folder's images, sorted by name. Sub-folders, hidden files and symlinks are not read: a link could
-    make the trainer read (and a caption's words land in the LoRA's metadata from) a file outside the folder."""
-    if not folder.is_dir():
-        raise DatasetError(f"image folder {folder.name!r} does not exist")
-    return sorted(p for p in folder.iterdir() if _plain_file(p) and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _plain_file(path: Path) -> bool:
-    return path.is_file() and not path.is_symlink() and not path.name.startswith(".")
 
 
 def caption_of(path: Path, prompt: str | None) -> str:

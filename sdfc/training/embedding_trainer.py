@@ -42,7 +42,7 @@ class EmbeddingTrainingConfig:
     max_images: int | None = None
     device: str | None = None
     # Rows to start from instead of the init text's (num_vectors × width), and the steps they already had: A1111's
-    # train embedding (sdfc/training/a1111.py) continues an embedding that create embedding wrote.
+    # train embedding (sdfc/api/training.py) continues an embedding that create embedding wrote.
     init_vectors: np.ndarray | None = None
     start_step: int = 0
 
@@ -69,7 +69,7 @@ def train_embedding(config: EmbeddingTrainingConfig, progress: Callable[[int, fl
                     cancelled: Callable[[], bool] | None = None) -> EmbeddingResult:
     import torch
 
-    from .tasks import MAX_VECTORS
+    from ..jobs.training_requests import MAX_VECTORS
 
     if not 1 <= config.num_vectors <= MAX_VECTORS:
         raise TrainingError(f"num_vectors must be from 1 to {MAX_VECTORS}, got {config.num_vectors}")

@@ -1,15 +1,14 @@
-"""The `train-lora` task: its request validated as hostile input, and run for the task runner (sdfc/jobs).
+"""The `train-lora` / `train-embedding` tasks' requests: validated as hostile input in the serving process, and
+turned into the plain-data config the training child reads (sdfc/jobs/training.py starts it).
 
 Paths in a request never name the server's file system directly: `base` (a diffusers model folder) and `images`
-are folders inside the training-data folder (SDFC_TRAINING_DIR; the NAS in FC), and the LoRA is written as
-`<output_name>.safetensors` into the LoRA folder (SDFC_LORA_DIR) the engine lists. Size, steps, rank and
-image count are bounded, so that one request cannot hold an executor for days or fill its memory.
-No torch here at import: the API validates requests in the serving image.
+are folders inside the training-data folder (SDFC_TRAINING_DIR; the NAS in FC), and the result is written as
+`<name>.safetensors` into the LoRA folder (SDFC_LORA_DIR) or the embeddings folder (SDFC_EMBEDDINGS_DIR) the
+engine lists. Size, steps, rank and image count are bounded, so that one request cannot hold an executor for
+days or fill its memory. No torch here: the serving image validates requests and has none.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import secrets
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from ..api.errors import ApiError, ValidationFailed
 from ..api.payloads import TASK_ID_PATTERN, TASK_ID_TEXT
 from ..api.schema import Field as F
 from ..api.schema import Model
-from .dataset import DatasetError, image_paths
 
 TASK_TYPE = "train-lora"
 TRAINING_TYPES = ("train-lora", "train-embedding")
@@ -28,11 +26,29 @@ MAX_BATCH = 8
 MAX_IMAGES = 1000
 MAX_PROMPT = 2000
 MAX_VECTORS = 75  # the engine reads at most one 75-token chunk
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # A relative folder: parts of letters, digits and `_ -.` that start with neither `.` nor a space (no `..`,
 # no hidden folders); symlinks out of the training-data folder are refused after resolving.
 FOLDER_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_ .-]{0,99}(/[A-Za-z0-9_-][A-Za-z0-9_ .-]{0,99}){0,7}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$"
 PROMPT_PATTERN = rf"^[\s\S]{{0,{MAX_PROMPT}}}$"
+
+
+class DatasetError(ValueError):
+    """Training images that cannot be used (none, unreadable, no caption)."""
+
+
+def plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and not path.name.startswith(".")
+
+
+def image_paths(folder: Path) -> list[Path]:
+    """The folder's images, sorted by name. Sub-folders, hidden files and symlinks are not read: a link could
+    make the trainer read (and a caption's words land in the LoRA's metadata from) a file outside the folder."""
+    if not folder.is_dir():
+        raise DatasetError(f"image folder {folder.name!r} does not exist")
+    return sorted(p for p in folder.iterdir() if plain_file(p) and p.suffix.lower() in IMAGE_SUFFIXES)
+
 
 TRAIN_LORA = Model("TrainLoraRequest", (
     F("base", "str", None, "the base model in diffusers form: a folder inside the training-data folder "
@@ -57,7 +73,8 @@ TRAIN_LORA = Model("TrainLoraRequest", (
     F("noise_offset", "float", 0.0, "kohya's noise offset", ge=0, le=1),
     F("overwrite", "bool", False, "replace an existing LoRA of that name"),
     F("force_task_id", "str", None, TASK_ID_TEXT, pattern=TASK_ID_PATTERN),
-), description="A LoRA training job (sdfc/training): kohya-style .safetensors into the LoRA folder.")
+), description="A LoRA training job (run by the training child process): kohya-style .safetensors into the "
+               "LoRA folder.")
 
 
 def inside(root: Path | None, relative: str, field: str) -> Path:
@@ -83,7 +100,8 @@ TRAIN_EMBEDDING = Model("TrainEmbeddingRequest", (
     F("learn_rate", "float", 5e-3, "AdamW's learning rate (A1111's default)", ge=1e-9, le=1),
     *(f for f in TRAIN_LORA.fields if f.name in ("steps", "resolution", "batch_size", "seed", "buckets",
                                                  "overwrite", "force_task_id")),
-), description="A textual-inversion training job (sdfc/training): A1111's .safetensors into the embeddings folder.")
+), description="A textual-inversion training job (run by the training child process): A1111's .safetensors "
+               "into the embeddings folder.")
 
 # task type: (request model, its name field, the settings folder written to, what the folder is called)
 KINDS = {"train-lora": (TRAIN_LORA, "output_name", "lora_dir", "LoRA"),
@@ -116,61 +134,20 @@ def validate(body, training_dir: Path | None, out_dir: Path | None, kind: str = 
     return values
 
 
-def training_config(kind: str, values: dict, training_dir: Path, out_dir: Path):
-    common = dict(base=inside(training_dir, values["base"], "base"),
-                  images=inside(training_dir, values["images"], "images"), prompt=values["prompt"],
+def child_config(kind: str, values: dict, training_dir: Path, out_dir: Path, overrides: dict | None = None) -> dict:
+    """The training child's config (sdfc/training/child.py): plain JSON data, every path resolved and confined
+    here, so that the child trusts it as it is. `overrides`: trainer settings no task field names (A1111's
+    /train/embedding continues an existing embedding's vectors and step count)."""
+    common = dict(base=str(inside(training_dir, values["base"], "base")),
+                  images=str(inside(training_dir, values["images"], "images")), prompt=values["prompt"],
                   steps=values["steps"], resolution=values["resolution"], batch_size=values["batch_size"],
                   seed=values["seed"], buckets=values["buckets"], max_images=MAX_IMAGES)
     if kind == "train-embedding":
-        from .embedding_trainer import EmbeddingTrainingConfig
-        return EmbeddingTrainingConfig(output=out_dir / f"{values['embedding_name']}.safetensors",
-                                       init_text=values["init_text"], num_vectors=values["num_vectors_per_token"],
-                                       learning_rate=values["learn_rate"], **common)
-    from .lora_trainer import LoraTrainingConfig
-    return LoraTrainingConfig(output=out_dir / f"{values['output_name']}.safetensors", rank=values["rank"],
-                              alpha=values["alpha"], learning_rate=values["learning_rate"],
-                              text_encoder_lr=values["text_encoder_lr"], noise_offset=values["noise_offset"],
-                              **common)
-
-
-def run_training_task(state, values: dict, control, kind: str = TASK_TYPE, config_overrides: dict | None = None
-                      ) -> dict:
-    """Run a validated request for the task runner; the result body. `control` is the task's JobControl:
-    training reports its steps (and loss) through it and stops when it is interrupted. `config_overrides`: trainer
-    settings no task field names (A1111's /train/embedding continues an existing embedding: sdfc/training/a1111.py)."""
-    _, name_field, folder, noun = KINDS[kind]
-    settings = state.settings
-    out_dir = getattr(settings, folder)
-    try:
-        values = validate(values, settings.training_dir, out_dir, kind)  # the folders may have changed since
-        config = training_config(kind, values, settings.training_dir, out_dir)
-        if config_overrides:
-            config = dataclasses.replace(config, **config_overrides)
-    except ValidationFailed as exc:
-        raise ApiError(422, f"{exc.details[0]['loc'][-1]}: {exc.details[0]['msg']}", error="ValidationError") from None
-    missing = [m for m in ("torch", "diffusers", "transformers", "peft") if importlib.util.find_spec(m) is None]
-    if missing:  # the serving image
-        raise ApiError(501, f"this instance cannot train (no {', '.join(missing)}); run training in the "
-                            "training function or with `sdfc train`", error="NotImplemented")
-    from .lora_trainer import TrainingError
-    if kind == "train-embedding":
-        from .embedding_trainer import train_embedding as train
+        config = dict(output=str(out_dir / f"{values['embedding_name']}.safetensors"), init_text=values["init_text"],
+                      num_vectors=values["num_vectors_per_token"], learning_rate=values["learn_rate"], **common)
     else:
-        from .lora_trainer import train_lora as train
-
-    def progress(step: int, loss: float) -> None:
-        control.report_training(step, config.steps, loss)
-
-    control.report_training(0, config.steps, None)
-    with state.queue:  # one job at a time on this instance's accelerator, in the same FIFO as generations
-        try:
-            result = train(config, progress, cancelled=lambda: control.interrupted)
-        except (TrainingError, DatasetError) as exc:
-            raise ApiError(422, str(exc), error="ValidationError") from None
-        if result.path is not None:  # listed and usable at once; between jobs, as /refresh-embeddings does
-            state.engine.refresh_loras() if kind == "train-lora" else state.engine.refresh_embeddings()
-    name = values[name_field] if result.path is not None else None
-    return {"lora": name if kind == "train-lora" else None, "embedding": name if kind == "train-embedding" else None,
-            "file": result.path.name if result.path is not None else None, "steps_done": result.steps_done,
-            "steps": config.steps, "final_loss": result.final_loss, "cancelled": result.cancelled,
-            "seed": config.seed, "metadata": getattr(result, "metadata", {})}
+        config = dict(output=str(out_dir / f"{values['output_name']}.safetensors"), rank=values["rank"],
+                      alpha=values["alpha"], learning_rate=values["learning_rate"],
+                      text_encoder_lr=values["text_encoder_lr"], noise_offset=values["noise_offset"], **common)
+    config.update(overrides or {})
+    return {"kind": kind, "config": config}

@@ -1,19 +1,21 @@
-"""A1111's synchronous textual-inversion routes, `POST /sdapi/v1/create/embedding` and `/train/embedding`, on
-sdfc's training room.
+"""A1111's synchronous textual-inversion routes, `POST /sdapi/v1/create/embedding` and `/train/embedding`: the
+serving side (no torch), training itself in the task runner's child process (sdfc/jobs/training.py).
 
 - create embedding: torch-free (the serving image answers it). The served model's token vectors of the init
   text, spread over the vectors as A1111 spreads them, written as A1111's `.safetensors` layout (one
   `emb_params` tensor, step 0) into the embeddings folder (SDFC_EMBEDDINGS_DIR), then listed at once.
 - train embedding: A1111 trains an embedding that exists (made by create embedding) on the loaded checkpoint,
   up to `steps` in all, in the request. Here the request's fields are mapped onto the `train-embedding` task's
-  (sdfc/training/tasks.py validates them, with its folder confinement and bounds), and it runs synchronously
-  under the generation queue, continuing the file's vectors and step count. The trainer needs a diffusers
-  model: `base`, a folder inside the training-data folder (SDFC_TRAINING_DIR), an sdfc field. A1111 fields the
-  trainer cannot honour (prompt templates, preview images, log and checkpoint writes, gradient accumulation,
-  clipping, tag shuffling, ...) are refused with a 422 naming them unless they hold the value that turns the
-  feature off; preview_* fields only matter with create_image_every (0 here, as in A1111 they then do nothing).
-  Training is square (training_width = training_height): A1111 squashes each image to that size, sdfc's trainer
-  centre-crops it (the same for square images). An interrupt stops it with nothing written (A1111 saves it).
+  (sdfc/jobs/training_requests.py validates them, with its folder confinement and bounds), and it runs
+  synchronously under the generation queue, in a training child process (sdfc/jobs/training.py), continuing the
+  file's vectors and step count. The trainer needs a diffusers model: `base`, a folder inside the training-data
+  folder (SDFC_TRAINING_DIR), an sdfc field. A1111 fields the trainer cannot honour (prompt templates, preview
+  images, log and checkpoint writes, gradient accumulation, clipping, tag shuffling, ...) are refused with a 422
+  naming them unless they hold the value that turns the feature off; preview_* fields only matter with
+  create_image_every (0 here, as in A1111 they then do nothing). Training is square (training_width =
+  training_height): A1111 squashes each image to that size, sdfc's trainer centre-crops it (the same for square
+  images). An interrupt terminates the child process, and nothing is written (A1111 saves it). Without torch
+  (the serving image in FC) it answers 501: the train-embedding task runs in the training function there.
 
 Answers are A1111's: `{"info": "create embedding filename: <file>"}` (`create embedding error: ...` for an
 existing file), `{"info": "train embedding complete: filename: <file> error: <None or why>"}`; `<file>` is the
@@ -32,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..api.errors import ApiError, ValidationFailed
-from ..api.schema import Field as F
-from ..api.schema import Model
-from .tasks import (FOLDER_PATTERN, MAX_BATCH, MAX_RESOLUTION, MAX_STEPS, MAX_VECTORS, NAME_PATTERN,
-                    PROMPT_PATTERN, run_training_task, validate)
+from ..jobs.training import run_training_task
+from ..jobs.training_requests import (FOLDER_PATTERN, MAX_BATCH, MAX_RESOLUTION, MAX_STEPS, MAX_VECTORS,
+                                      NAME_PATTERN, PROMPT_PATTERN, validate)
+from .errors import ApiError, ValidationFailed
+from .schema import Field as F
+from .schema import Model
 
 KIND = "train-embedding"
 INIT_TEXT_PATTERN = r"^[\s\S]{0,200}$"
@@ -295,7 +298,8 @@ def train_embedding(state, body) -> dict:
     control = _TrainingControl(state)
     try:
         result = run_training_task(state, task, control, KIND,
-                                   config_overrides={"init_vectors": existing.vectors, "start_step": start})
+                                   config_overrides={"init_vectors": np.asarray(existing.vectors, np.float32).tolist(),
+                                                     "start_step": start})
     finally:
         control.end()
     if result["cancelled"]:
