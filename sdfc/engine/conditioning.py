@@ -6,7 +6,7 @@ A1111's emphasis normalisation takes its mean over that batch (generation-semant
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,9 +23,12 @@ class ScheduledCond:
     end_at_steps: tuple[int, ...]
     tensors: tuple[np.ndarray, ...]  # each (tokens, hidden)
 
+    def index_at(self, call: int) -> int:
+        """Which text of the schedule denoiser call `call` uses."""
+        return schedule_index_at_call([[end, None] for end in self.end_at_steps], call)
+
     def at(self, call: int) -> np.ndarray:
-        schedule = [[end, None] for end in self.end_at_steps]
-        return self.tensors[schedule_index_at_call(schedule, call)]
+        return self.tensors[self.index_at(call)]
 
     def unet_inputs_at(self, call: int) -> dict:
         """UNet inputs besides the hidden states for this text (SDXL's pooled text and size ids; none here)."""
@@ -38,9 +41,24 @@ class BatchConditioning:
 
     cond: tuple[tuple[tuple[ScheduledCond, float], ...], ...]
     uncond: tuple[ScheduledCond, ...]
+    # The batches of each schedule segment, stacked once: the same arrays (same objects) for every call of a
+    # segment, so that the UNet's conditioning can be kept on the device while they last (pipeline.CFGDenoiser).
+    _segments: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def segment(self, call: int) -> tuple:
+        """Which text every row uses at denoiser call `call`: the calls of one segment share their tensors."""
+        return tuple(s.index_at(call) for subprompts in self.cond for s, _ in subprompts) + \
+            tuple(u.index_at(call) for u in self.uncond)
 
     def at(self, call: int) -> tuple[np.ndarray, list[list[tuple[int, float]]], np.ndarray]:
-        """(cond batch, [(row, weight)...] per image, uncond batch) for denoiser call `call`."""
+        """(cond batch, [(row, weight)...] per image, uncond batch) for denoiser call `call`; the same objects
+        for every call of one segment (read them, never write them)."""
+        key = ("at", self.segment(call))
+        if key not in self._segments:
+            self._segments[key] = self._stack(call)
+        return self._segments[key]
+
+    def _stack(self, call: int):
         rows, weights = [], []
         for subprompts in self.cond:
             mine = []
@@ -53,7 +71,14 @@ class BatchConditioning:
         return cond, weights, uncond
 
     def unet_inputs(self, call: int) -> tuple[dict, dict]:
-        """The extra UNet inputs ({name: rows}) of the cond rows and of the uncond rows, in `at`'s row order."""
+        """The extra UNet inputs ({name: rows}) of the cond rows and of the uncond rows, in `at`'s row order;
+        like `at`, the same objects for every call of one segment."""
+        key = ("unet_inputs", self.segment(call))
+        if key not in self._segments:
+            self._segments[key] = self._stack_unet_inputs(call)
+        return self._segments[key]
+
+    def _stack_unet_inputs(self, call: int) -> tuple[dict, dict]:
         def stacked(per_row: list[dict]) -> dict:
             return {name: np.stack([row[name] for row in per_row]) for name in (per_row[0] if per_row else {})}
         cond = [scheduled.unet_inputs_at(call) for subprompts in self.cond for scheduled, _ in subprompts]

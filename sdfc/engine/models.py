@@ -35,6 +35,9 @@ TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
+# The devices whose sessions run through IO binding by default (OnnxModel.io_binding).
+IO_BINDING_DEVICES = ("cpu", "cuda")
+
 # How onnxruntime words a failed allocation (CPU arena, CUDA allocator, a C++ bad_alloc).
 _ALLOCATION_FAILURE_WORDS = ("allocat", "bad_alloc", "out of memory")
 
@@ -156,6 +159,22 @@ def load_tokenizer(info: ModelInfo):
     return tokenizer
 
 
+def session_device(session) -> tuple[str, int]:
+    """Where `session` keeps its inputs and outputs, as IO binding names it: ("cuda", id) on the CUDA provider,
+    ("cpu", 0) on the CPU (including a CUDA session that fell back to it); read once and kept on the session."""
+    device = getattr(session, "sdfc_device", None)
+    if device is None:
+        options = session.get_provider_options().get(providers_mod.CUDA)
+        device = ("cuda", int(options.get("device_id", 0))) if options is not None else ("cpu", 0)
+        session.sdfc_device = device
+    return device
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """`array` in C order, keeping its shape (np.ascontiguousarray makes a 0-d array 1-d: a scalar timestep)."""
+    return array if array.flags.c_contiguous else np.array(array, order="C")
+
+
 _shared_arena_registered = False
 
 
@@ -175,12 +194,15 @@ class OnnxModel:
     circular = False  # True on the seamless view that tiled() returns
 
     def __init__(self, info: ModelInfo, device: str = "cpu", threads: int = 0,
-                 cuda: providers_mod.CudaOptions | None = None):
+                 cuda: providers_mod.CudaOptions | None = None, io_binding: bool | None = None):
         import onnxruntime as ort
 
         self.info = info
         self.device = device
         self.threads = threads
+        # Sessions run through IO binding (inputs bound from the host or kept on the device, outputs allocated
+        # on the device); None: the device's default (IO_BINDING_DEVICES).
+        self.io_binding = (device in IO_BINDING_DEVICES) if io_binding is None else bool(io_binding)
         self.providers_asked = providers_mod.providers_for(device, cuda)  # raises for an unknown device
         missing = [c for c in info.arch.components if not (info.path / c / "model.onnx").is_file()]
         if missing:
@@ -279,14 +301,56 @@ class OnnxModel:
         return view
 
     def _run(self, component: str, feeds: dict, output: str | None = None, session=None) -> np.ndarray:
+        """The first output (or `output`) of `component`, as float32 numpy."""
+        session = session or self.sessions[component]
+        name = output or session.get_outputs()[0].name
+        return self._run_outputs(component, feeds, [name], session)[0].astype(np.float32)
+
+    def _run_outputs(self, component: str, feeds: dict, names: list[str], session=None) -> list[np.ndarray]:
+        """The outputs `names` of `component` as numpy, run through IO binding when `io_binding` is on.
+        `feeds` holds numpy arrays (fed in each input's declared dtype, precision.typed_feeds) and, with IO
+        binding, OrtValues from resident_inputs (bound as they are, already on the session's device)."""
         session = session or self.sessions[component]
         try:
-            out = session.run([output] if output else None, typed_feeds(session, feeds))[0]
-            return out.astype(np.float32)
+            if not self.io_binding:
+                return session.run(names, typed_feeds(session, feeds))
+            return self._run_bound(session, feeds, names)
         except Exception as exc:  # onnxruntime's RuntimeException/Fail carry no type for "no memory"
             if is_allocation_failure(exc):
                 raise OutOfMemoryError(f"not enough memory to run the {component} of {self.info.name!r}") from exc
             raise
+
+    @staticmethod
+    def _run_bound(session, feeds: dict, names: list[str]) -> list[np.ndarray]:
+        import onnxruntime as ort
+
+        device_type, device_id = session_device(session)
+        binding = session.io_binding()
+        arrays = {name: value for name, value in feeds.items() if not isinstance(value, ort.OrtValue)}
+        for name, value in typed_feeds(session, arrays).items():
+            # From host memory: onnxruntime copies it to the device during the run (on the CPU it reads it).
+            binding.bind_cpu_input(name, _contiguous(value))
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+        for name in names:  # allocated by onnxruntime on the device at the run's shapes
+            binding.bind_output(name, device_type, device_id)
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()  # the samplers' numpy math needs them on the host
+
+    def resident_inputs(self, component: str, arrays: dict[str, np.ndarray]) -> dict:
+        """Inputs fed to many runs of `component` unchanged (the UNet's text conditioning across steps), each in
+        its declared dtype: with IO binding, OrtValues copied once to the session's device; without, numpy."""
+        session = self.sessions[component]
+        typed = {name: _contiguous(value) for name, value in typed_feeds(session, arrays).items()}
+        if not self.io_binding:
+            return typed
+        import onnxruntime as ort
+
+        device_type, device_id = session_device(session)
+        # On the CPU the OrtValue reads the array's own memory and keeps a reference to it.
+        return {name: ort.OrtValue.ortvalue_from_numpy(value, device_type, device_id)
+                for name, value in typed.items()}
 
     def token_embedding_table(self) -> np.ndarray:
         """CLIP's token-embedding table (vocabulary × width), read from the text encoder's file."""
@@ -354,14 +418,8 @@ class OnnxModel:
         """An SDXL text encoder's penultimate hidden states, and its projected pooled output when `pooled`."""
         from .sdxl import POOLED_OUTPUT, penultimate_output
 
-        session = self.sessions[component]
-        names = [penultimate_output(session)] + ([POOLED_OUTPUT] if pooled else [])
-        try:
-            outs = session.run(names, typed_feeds(session, {"input_ids": input_ids.astype(np.int64)}))
-        except Exception as exc:
-            if is_allocation_failure(exc):
-                raise OutOfMemoryError(f"not enough memory to run the {component} of {self.info.name!r}") from exc
-            raise
+        names = [penultimate_output(self.sessions[component])] + ([POOLED_OUTPUT] if pooled else [])
+        outs = self._run_outputs(component, {"input_ids": input_ids.astype(np.int64)}, names)
         return outs[0].astype(np.float32), (outs[1].astype(np.float32) if pooled else None)
 
     def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray, **added_inputs) -> np.ndarray:

@@ -158,6 +158,9 @@ class CFGDenoiser:
         self.blend: inpaint_mod.LatentBlend | None = None  # inpainting: holds the known area (inpaint.py)
         self.image_cond: np.ndarray | None = None  # an inpainting UNet's 5 extra input channels per image
         self.refiner = None  # sdxl.RefinerSwitch: hands the rest of sampling to the refiner (A1111's apply_refiner)
+        # The UNet's conditioning inputs as the model keeps them (on the device with IO binding), per batch kind
+        # and conditioning tensors: built once per schedule segment, freed with the job (see _unet_conditioning).
+        self._resident: dict[tuple, tuple] = {}
 
     def cond_only(self, weights) -> bool:
         """CFG 1 with one sub-prompt of weight 1 per image: the guided output is the cond output exactly, so
@@ -176,16 +179,39 @@ class CFGDenoiser:
         if self.image_cond is not None:  # the conditioning rides along unscaled, cond and uncond alike
             x_in = np.concatenate([x_in, self.image_cond.astype(x_in.dtype)], axis=1)
         x_cond = x_in[image_of_row]
+        conditioning = lambda kind: self._unet_conditioning(kind, cond, cond_in, uncond, uncond_in)  # noqa: E731
         if not need_uncond and self.cond_only(weights):
-            return self.model.unet(x_cond, t, cond, **cond_in), None, weights, image_of_row
+            return self._unet(x_cond, t, conditioning("cond")), None, weights, image_of_row
         if cond.shape[1:] == uncond.shape[1:]:
-            out = self.model.unet(np.concatenate([x_cond, x_in]), t, np.concatenate([cond, uncond]),
-                                  **{k: np.concatenate([cond_in[k], uncond_in[k]]) for k in cond_in})
+            out = self._unet(np.concatenate([x_cond, x_in]), t, conditioning("cond+uncond"))
             out_cond, out_uncond = out[: len(x_cond)], out[len(x_cond):]
         else:  # different prompt lengths cannot share a batch (§1.6)
-            out_cond = self.model.unet(x_cond, t, cond, **cond_in)
-            out_uncond = self.model.unet(x_in, t, uncond, **uncond_in)
+            out_cond = self._unet(x_cond, t, conditioning("cond"))
+            out_uncond = self._unet(x_in, t, conditioning("uncond"))
         return out_cond, out_uncond, weights, image_of_row
+
+    def _unet(self, x: np.ndarray, t: float, conditioning: dict) -> np.ndarray:
+        extra = dict(conditioning)
+        return self.model.unet(x, t, extra.pop("encoder_hidden_states"), **extra)
+
+    def _unet_conditioning(self, kind: str, cond, cond_in: dict, uncond, uncond_in: dict) -> dict:
+        """The UNet's conditioning inputs (hidden states; SDXL's pooled text and size ids) for the `kind` of
+        batch ("cond", "uncond" or "cond+uncond"), made once by the model's resident_inputs (on the device with
+        IO binding) and reused while BatchConditioning returns the same tensors, i.e. for one schedule segment."""
+        used = {"cond": (cond,), "uncond": (uncond,), "cond+uncond": (cond, uncond)}[kind]
+        key = (kind, id(self.model), self.model.io_binding, *map(id, used))
+        entry = self._resident.get(key)
+        if entry is None:
+            if kind == "cond+uncond":
+                arrays = {"encoder_hidden_states": np.concatenate([cond, uncond]),
+                          **{k: np.concatenate([cond_in[k], uncond_in[k]]) for k in cond_in}}
+            else:
+                hidden, extra = (cond, cond_in) if kind == "cond" else (uncond, uncond_in)
+                arrays = {"encoder_hidden_states": hidden, **extra}
+            # The key's objects are kept with the entry, so that their ids stay theirs while it lives.
+            entry = (self.model.resident_inputs("unet", arrays), self.model, used)
+            self._resident[key] = entry
+        return entry[0]
 
     def _combine(self, cond: np.ndarray, uncond: np.ndarray | None, weights) -> np.ndarray:
         if uncond is None:  # cond_only: one row per image, in image order
