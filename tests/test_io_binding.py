@@ -71,10 +71,11 @@ def init_image(seed: int = 1) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def test_io_binding_is_on_by_default_on_the_cpu(engine):
+def test_io_binding_is_on_by_default_on_the_cpu_and_can_be_turned_off(engine):
     model = engine.load()
     assert model.io_binding is True
     assert session_device(model.sessions["unet"]) == ("cpu", 0)
+    assert Engine(MODELS_DIR, io_binding=False).load().io_binding is False
 
 
 CASES = {

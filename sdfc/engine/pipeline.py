@@ -326,13 +326,14 @@ class Engine:
     def __init__(self, models_dir: str | Path, device: str = "cpu", default_model: str | None = None,
                  threads: int = 0, embeddings_dir: str | Path | None = None, lora_dir: str | Path | None = None,
                  checkpoint_cache: int = DEFAULT_OTHERS, model_memory_bytes: int | None = None,
-                 cuda: CudaOptions | None = None):
+                 cuda: CudaOptions | None = None, io_binding: bool | None = None):
         self.models_dir = Path(models_dir)
         self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None  # textual inversion
         self.loras = lora_mod.LoraLibrary(Path(lora_dir) if lora_dir else None)
         self.device = device
         self.threads = threads
         self.cuda = cuda  # the CUDA execution provider's options (providers.py); None: its defaults
+        self.io_binding = io_binding  # whether sessions run through IO binding; None: the device's default
         self.available = scan_models(self.models_dir)
         # The loaded models: the current one + `checkpoint_cache` others (A1111's sd_checkpoint_cache), within
         # `model_memory_bytes` (SDFC_MODEL_MEMORY_MB) when set (model_cache.py).
@@ -375,7 +376,7 @@ class Engine:
             return self._tokenizers[info.name]
 
     def _open_model(self, info: ModelInfo) -> OnnxModel:
-        model = OnnxModel(info, self.device, self.threads, cuda=self.cuda)
+        model = OnnxModel(info, self.device, self.threads, cuda=self.cuda, io_binding=self.io_binding)
         embeddings_mod.sync_embeddings(model, sdxl_mod.embeddings_folder(info, self.embeddings_dir))
         return model
 
