@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from models_export.onnx_export import ExportError
-from sdfc.engine.architectures import DISTILLED, PREDICTION_TYPES
+from sdfc.engine.architectures import PREDICTION_TYPES
 UNET_CLASS = "UNet2DConditionModel"
 # 4: txt2img; 9: an inpainting UNet (latent + mask + masked-image latent).
 UNET_IN_CHANNELS = (4, 9)

@@ -140,7 +140,8 @@ def export_diffusers(src: Path, out: Path, *, name: str | None = None, precision
     if precision == "fp32" and vae_precision == "fp16":
         raise ExportError("--vae-precision fp16 needs --precision fp16 (an fp32 export is fp32 throughout)")
     check_output_folder(out)
-    from models_export.architecture import DISTILLED, detect_architecture
+    from models_export.architecture import detect_architecture
+    from sdfc.engine.architectures import DISTILLED
 
     if distilled is not None and distilled not in DISTILLED:
         raise ExportError(f"--distilled must be one of {', '.join(DISTILLED)}, not {distilled!r}")

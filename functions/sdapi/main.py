@@ -12,14 +12,11 @@ import os
 import sys
 from typing import Mapping
 
-# FC forwards to the port in customContainerConfig; 127.0.0.1 would give FunctionNotStarted.
-HOST = "0.0.0.0"
-DEFAULT_PORT = 9000
-
-
 def bind(env: Mapping[str, str] | None = None) -> tuple[str, int]:
-    env = os.environ if env is None else env
-    return HOST, int(env.get("SDFC_PORT") or DEFAULT_PORT)
+    """0.0.0.0:$SDFC_PORT, where FC forwards (sdfc/fc/gateway.py)."""
+    from sdfc.fc.gateway import container_bind
+
+    return container_bind(os.environ if env is None else env)
 
 
 def main() -> int:

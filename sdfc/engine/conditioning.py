@@ -114,9 +114,15 @@ class PromptEncoder:
     def batch(self, prompts: list[str], negative_prompts: list[str], steps: int,
               hires_steps: int | None = None) -> BatchConditioning:
         """`hires_steps`: a hires second pass's steps (then `steps` are the first pass's, §1.2)."""
-        # A1111 removes extra-network tags (<lora:…>) from the prompts, not from the negative prompts.
-        indexes, texts, _ = get_multicond_prompt_list([strip_extra_networks(p) for p in prompts])
-        cond = tuple(tuple((self.scheduled(texts[i], steps, hires_steps), weight) for i, weight in per_image)
-                     for per_image in indexes)
-        uncond = tuple(self.scheduled(p, steps, hires_steps) for p in negative_prompts)
-        return BatchConditioning(cond, uncond)
+        return batch_conditioning(lambda text, negative: self.scheduled(text, steps, hires_steps),
+                                  prompts, negative_prompts)
+
+
+def batch_conditioning(scheduled, prompts: list[str], negative_prompts: list[str]) -> BatchConditioning:
+    """Per image its AND sub-prompts with their weights and its negative prompt, each through `scheduled(text,
+    negative)` (an encoder's cached schedule of one text). A1111 removes extra-network tags (<lora:…>) from the
+    prompts, not from the negative prompts."""
+    indexes, texts, _ = get_multicond_prompt_list([strip_extra_networks(p) for p in prompts])
+    cond = tuple(tuple((scheduled(texts[i], False), weight) for i, weight in per_image) for per_image in indexes)
+    uncond = tuple(scheduled(p, True) for p in negative_prompts)
+    return BatchConditioning(cond, uncond)

@@ -30,7 +30,7 @@ class CudaOptions:
     arena_extend_strategy: str = "kSameAsRequested"
     # Copies on the default stream, ordered with the kernels: no race between an input copy and a kernel.
     do_copy_in_default_stream: bool = True
-    # Not offered: CUDA graphs (enable_cuda_graph) need IO binding with fixed buffers, which the engine lacks yet.
+    # Not offered: CUDA graphs (enable_cuda_graph) replay fixed device buffers; the engine binds fresh ones per run.
 
     def __post_init__(self):
         if self.cudnn_conv_algo_search not in CONV_ALGO_SEARCHES:

@@ -28,12 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .conditioning import PromptEncoder, ScheduledCond, BatchConditioning
+from .conditioning import BatchConditioning, PromptEncoder, ScheduledCond, batch_conditioning
 from .errors import InvalidRequestError, ModelLoadError
-from .lora import strip_extra_networks
 from .prompt_chunks import SD1_EOS, PromptChunker, apply_emphasis, chunk_batches, make_clip_encode_fn
-from .prompt_parser import (get_learned_conditioning_prompt_schedules, get_multicond_prompt_list,
-                            schedule_index_at_call)
+from .prompt_parser import get_learned_conditioning_prompt_schedules, schedule_index_at_call
 
 POOLED_OUTPUT = "text_embeds"  # CLIPTextModelWithProjection's projected pooled output, as optimum names it
 
@@ -129,11 +127,8 @@ class SDXLPromptEncoder(PromptEncoder):
 
     def batch(self, prompts: list[str], negative_prompts: list[str], steps: int,
               hires_steps: int | None = None) -> BatchConditioning:
-        indexes, texts, _ = get_multicond_prompt_list([strip_extra_networks(p) for p in prompts])
-        cond = tuple(tuple((self.scheduled(texts[i], steps, hires_steps), weight) for i, weight in per_image)
-                     for per_image in indexes)
-        uncond = tuple(self.scheduled(p, steps, hires_steps, negative=True) for p in negative_prompts)
-        return BatchConditioning(cond, uncond)
+        return batch_conditioning(lambda text, negative: self.scheduled(text, steps, hires_steps, negative),
+                                  prompts, negative_prompts)
 
 
 def check_no_embeddings(prompts: list[str], folder, tokenizer) -> None:

@@ -24,6 +24,14 @@ INSTANCE_MARKERS = ("FC_INSTANCE_ID", "FC_FUNCTION_NAME")
 # The WSGI environ key through which an event replayed by /invoke (or the web function's handler) inherits
 # its caller's request id. No client can set an environ key that does not start with HTTP_.
 PARENT_REQUEST_ID = "sdfc.request_id"
+# A custom container's address: FC forwards to the port in customContainerConfig (SDFC_PORT in the image), on
+# every interface; 127.0.0.1 would give FunctionNotStarted.
+CONTAINER_HOST = "0.0.0.0"
+DEFAULT_CONTAINER_PORT = 9000
+
+
+def container_bind(env: Mapping[str, str]) -> tuple[str, int]:
+    return CONTAINER_HOST, int(env.get("SDFC_PORT") or DEFAULT_CONTAINER_PORT)
 
 
 def running_in_fc(env: Mapping[str, str]) -> bool:
