@@ -42,7 +42,7 @@ class BatchConditioning:
     cond: tuple[tuple[tuple[ScheduledCond, float], ...], ...]
     uncond: tuple[ScheduledCond, ...]
     # The batches of each schedule segment, stacked once: the same arrays (same objects) for every call of a
-    # segment, so that the UNet's conditioning can be kept on the device while they last (pipeline.CFGDenoiser).
+    # segment, so that the UNet's conditioning can be kept on the device while they last (denoiser.CFGDenoiser).
     _segments: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def segment(self, call: int) -> tuple:
