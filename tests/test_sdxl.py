@@ -342,6 +342,11 @@ def test_http_refiner_request_writes_a1111s_infotext(server, engine):
         assert response.status_code == 400, response.text
         assert "no-such-refiner" in response.text
 
+    # A1111's create/embedding on an SDXL model: refused (an SD 1.x-style file would not fit its two encoders).
+    response = session.post(f"{server.url}/sdapi/v1/create/embedding", timeout=60,
+                            json={"name": "sdxl-emb", "num_vectors_per_token": 1, "init_text": "a"})
+    assert response.status_code == 400 and "not supported yet" in response.json()["detail"], response.text
+
 
 def test_embeddings_named_in_sdxl_prompts_are_refused(sdxl_models, tmp_path):
     folder = tmp_path / "embeddings"

@@ -204,6 +204,9 @@ def create_embedding(state, body) -> dict:
         if path.exists() and not values["overwrite_old"]:  # A1111's assertion, answered as A1111 answers it
             return {"info": f"create embedding error: file {path.name} already exists"}
         model = state.engine.load()
+        if len(model.info.arch.text_encoders) != 1:  # SDXL: clip_l + clip_g vectors, which sdfc cannot use yet
+            raise ApiError(400, f"embeddings for {model.info.architecture} models are not supported yet (model "
+                                f"{model.info.name!r}): select an SD 1.x or 2.x model", error="NotImplementedError")
         # A1111 encodes `init_text or "*"` but keeps zeros for an empty one
         ids = make_clip_encode_fn(model.tokenizer)([values["init_text"]])[0] if values["init_text"] else []
         vectors = initial_vectors(model.token_embedding_table(), ids, values["num_vectors_per_token"])
