@@ -371,3 +371,16 @@ def test_export_tiny_cli_builds_sdxl(tmp_path, architecture):
     assert json.loads((out / "sdfc.json").read_text())["architecture"] == architecture
     engine = Engine(out)
     assert engine.generate(request(steps=2, model=None)).images[0].size == (SIZE, SIZE)
+
+
+def test_live_previews_use_the_sdxl_latent_colours(engine):
+    """The job's control carries its model family's latent → RGB rows (architectures.py) for /progress and
+    task previews; an SDXL latent previewed with SD 1.x's rows would have other colours."""
+    from sdfc.api.preview import preview_png
+    from sdfc.engine import JobControl
+    from sdfc.engine.architectures import ARCHITECTURES
+
+    control = JobControl()
+    engine.generate(request(steps=2, seed=3), control)
+    assert control.preview_factors == ARCHITECTURES["sdxl"].latent_rgb_factors != ARCHITECTURES["sd1"].latent_rgb_factors
+    assert preview_png(control.current_latent, control.preview_factors) != preview_png(control.current_latent)

@@ -225,8 +225,8 @@ def png_info():
                           "parameters": parse_generation_parameters(info) if info else {}})
 
 
-def _preview(latent) -> str | None:
-    png = preview_png(latent)
+def _preview(latent, factors) -> str | None:
+    png = preview_png(latent, factors)
     return base64.b64encode(png).decode("ascii") if png is not None else None
 
 
@@ -245,7 +245,7 @@ def progress():
     done = min(0.01 + c.progress, 1.0) if c.job_count else 0.01
     elapsed = time.time() - job.started
     options = st.options.snapshot()
-    image = None if skip_image or not options["live_previews_enable"] else _preview(c.current_latent)
+    image = None if skip_image or not options["live_previews_enable"] else _preview(c.current_latent, c.preview_factors)
     return json_response({
         "progress": done, "eta_relative": elapsed / done - elapsed,
         "state": {"skipped": c.skipped, "interrupted": c.interrupted, "stopping_generation": False,

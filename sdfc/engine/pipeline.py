@@ -115,6 +115,7 @@ class JobControl:
     sampling_step: int = 0
     sampling_steps: int = 0
     current_latent: np.ndarray | None = None
+    preview_factors: tuple | None = None  # the job's model family's latent → RGB rows (architectures.py)
     interrupted: bool = False
     skipped: bool = False
     embeddings_used: list[str] = field(default_factory=list)  # textual-inversion names the prompts used
@@ -420,6 +421,7 @@ class Engine:
             denoiser.image_cond = inpaint_mod.txt2img_conditioning(model.vae_encode, len(seeds),
                                                                    req.width, req.height)
         control.current_latent = None
+        control.preview_factors = model.info.arch.latent_rgb_factors
 
         def on_step(info: dict) -> None:
             control._step(info["i"] + 1, info["denoised"])

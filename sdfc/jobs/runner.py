@@ -174,7 +174,7 @@ class TaskRunner:
     def _store_preview(self, task_id: str, control: TaskControl, previous: str | None) -> str | None:
         """The job's current latent as a preview PNG keyed by its step (the step is the preview's id for
         /internal/progress); the previous one is removed. None when there is nothing new."""
-        step, png = control.last_step, preview_png(control.current_latent)
+        step, png = control.last_step, preview_png(control.current_latent, control.preview_factors)
         key = preview_key(task_id, step)
         if png is None or key == previous:
             return None
