@@ -37,7 +37,7 @@ $(S_CLI): deploy/package.json deploy/package-lock.json
 	touch $(S_CLI)
 
 test: $(STAMP) $(S_CLI)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # Rebuild the committed tiny test model from its fixed seed (needs the export extra).
 tiny-model: $(STAMP)
