@@ -1,4 +1,4 @@
-"""The training child process's protocol as the serving side reads it (sdfc/jobs/training.py): steps relayed as
+"""The training child process's protocol as the serving side reads it (sdfc/jobs/training_process.py): steps relayed as
 they come, a result line, oversized and non-JSON lines skipped within a size limit, a cancel that terminates the
 child and kills one that ignores SIGTERM, a run that cannot start is a 422, a crash fails with the child's last
 stderr lines, and the real child (`python -m sdfc.training run`) refuses what it cannot run."""
@@ -12,12 +12,12 @@ import psutil
 import pytest
 
 from sdfc.api.errors import ApiError
-from sdfc.jobs import training
+from sdfc.jobs import training_process
 
 pytest.importorskip("torch")
 
 
-class ScriptChild(training.TrainingChild):
+class ScriptChild(training_process.TrainingChild):
     """The child's side played by a short script instead of the trainer."""
 
     def __init__(self, script: str, **kwargs):
@@ -30,7 +30,7 @@ class ScriptChild(training.TrainingChild):
 
 
 def test_steps_are_relayed_and_bad_lines_skipped_within_the_limit(monkeypatch):
-    monkeypatch.setattr(training, "MAX_LINE", 1000)
+    monkeypatch.setattr(training_process, "MAX_LINE", 1000)
     seen = []
     child = ScriptChild("""
         import json, sys
@@ -107,8 +107,8 @@ def test_the_real_child_refuses_what_it_cannot_run(tmp_path):
     config = {"base": str(tmp_path), "images": str(tmp_path / "images"), "output": str(tmp_path / "x.safetensors"),
               "steps": 1, "resolution": 64}
     with pytest.raises(ApiError) as exc:
-        training.TrainingChild({"kind": "train-lora", "config": config}, lambda s, l: None, lambda: False).run()
+        training_process.TrainingChild({"kind": "train-lora", "config": config}, lambda s, l: None, lambda: False).run()
     assert exc.value.status == 422 and "not a diffusers Stable Diffusion folder" in exc.value.detail
     with pytest.raises(ApiError) as exc:
-        training.TrainingChild({"kind": "train-nothing", "config": config}, lambda s, l: None, lambda: False).run()
+        training_process.TrainingChild({"kind": "train-nothing", "config": config}, lambda s, l: None, lambda: False).run()
     assert exc.value.status == 500 and "unknown training kind" in exc.value.detail

@@ -1,5 +1,5 @@
 """A1111's synchronous textual-inversion routes, `POST /sdapi/v1/create/embedding` and `/train/embedding`: the
-serving side (no torch), training itself in the task runner's child process (sdfc/jobs/training.py).
+serving side (no torch), training itself in the task runner's child process (sdfc/jobs/training_process.py).
 
 - create embedding: torch-free (the serving image answers it). The served model's token vectors of the init
   text, spread over the vectors as A1111 spreads them, written as A1111's `.safetensors` layout (one
@@ -7,7 +7,7 @@ serving side (no torch), training itself in the task runner's child process (sdf
 - train embedding: A1111 trains an embedding that exists (made by create embedding) on the loaded checkpoint,
   up to `steps` in all, in the request. Here the request's fields are mapped onto the `train-embedding` task's
   (sdfc/jobs/training_requests.py validates them, with its folder confinement and bounds), and it runs
-  synchronously under the generation queue, in a training child process (sdfc/jobs/training.py), continuing the
+  synchronously under the generation queue, in a training child process (sdfc/jobs/training_process.py), continuing the
   file's vectors and step count. The trainer needs a diffusers model: `base`, a folder inside the training-data
   folder (SDFC_TRAINING_DIR), an sdfc field. A1111 fields the trainer cannot honour (prompt templates, preview
   images, log and checkpoint writes, gradient accumulation, clipping, tag shuffling, ...) are refused with a 422
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..jobs.training import run_training_task
+from ..jobs.training_process import run_training_task
 from ..jobs.training_requests import (FOLDER_PATTERN, MAX_BATCH, MAX_RESOLUTION, MAX_STEPS, MAX_VECTORS,
                                       NAME_PATTERN, PROMPT_PATTERN, validate)
 from .errors import ApiError, ValidationFailed

@@ -119,7 +119,7 @@ def build_jobs(settings, records: RecordStore, outputs: OutputsStore, api_state,
         from ..dispatch import fc_endpoint
         from ..dispatch.transports import Fc3Transport
         room.hand_off = FcHandOff(Fc3Transport(settings.task_function, fc_endpoint(settings), credentials))
-        if settings.training_function:  # train tasks go to the function with torch (sdfc/training/function.py)
+        if settings.training_function:  # train tasks go to the FC training function (the one image with torch)
             room.hand_off = by_type(room.hand_off, FcHandOff(Fc3Transport(settings.training_function,
                                                                           fc_endpoint(settings), credentials)))
     return room

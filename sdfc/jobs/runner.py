@@ -106,7 +106,7 @@ class TaskRunner:
             values = json.loads(self.outputs.get(task["payload_key"]))
             with self.api.track():  # a drain waits for tasks as for requests
                 if task["type"].startswith("train-"):  # LoRA and embedding training, in a child process
-                    from .training import run_training_task
+                    from .training_process import run_training_task
                     body = run_training_task(self.api, values, control, task["type"])
                 else:
                     body = run_generation(self.api, values, task["type"], request_id=task_id, control=control,

@@ -1,5 +1,5 @@
 """The `train-lora` / `train-embedding` tasks' requests: validated as hostile input in the serving process, and
-turned into the plain-data config the training child reads (sdfc/jobs/training.py starts it).
+turned into the plain-data config the training child reads (sdfc/jobs/training_process.py starts it).
 
 Paths in a request never name the server's file system directly: `base` (a diffusers model folder) and `images`
 are folders inside the training-data folder (SDFC_TRAINING_DIR; the NAS in FC), and the result is written as

@@ -10,11 +10,11 @@ captioned images, and writes a kohya-style LoRA `.safetensors` into the LoRA fol
 - kohya.py: PEFT weights to kohya keys, and the `ss_*` metadata the ecosystem reads
 - lora_trainer.py: the LoRA training loop and the loss both trainers use (torch)
 - embedding_trainer.py: textual inversion (torch)
-- child.py: one run in its own process, its progress as JSON lines on stdout (sdfc/jobs/training.py reads them)
+- child.py: one run in its own process, its progress as JSON lines on stdout (sdfc/jobs/training_process.py reads them)
 - function.py: the FC training function: runs the train tasks sd-api hands to it by async invocation
 - cli.py: `sdfc train lora|embedding`
 
 What the serving side needs without torch lives there: the task requests, their validation and path confinement
-(sdfc/jobs/training_requests.py), the child's driver (sdfc/jobs/training.py) and A1111's create/train embedding
+(sdfc/jobs/training_requests.py), the child's driver (sdfc/jobs/training_process.py) and A1111's create/train embedding
 routes (sdfc/api/training.py).
 """

@@ -1,5 +1,5 @@
 """The training child process: `python -m sdfc.training run CONFIG.json`, started by the task runner
-(sdfc/jobs/training.py) so that torch never loads in a serving process.
+(sdfc/jobs/training_process.py) so that torch never loads in a serving process.
 
 CONFIG.json is `{"kind": "train-lora" | "train-embedding", "config": {...}}`, already validated and confined by
 the serving side (sdfc/jobs/training_requests.py). stdout carries one JSON line per optimiser step,
@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-EXIT_INVALID, EXIT_MISSING = 2, 3  # as sdfc/jobs/training.py reads them
+EXIT_INVALID, EXIT_MISSING = 2, 3  # as sdfc/jobs/training_process.py reads them
 NEEDS = ("torch", "diffusers", "transformers", "peft")
 PATHS = ("base", "images", "output")
 
