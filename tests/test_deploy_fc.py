@@ -9,7 +9,7 @@ import time
 import pytest
 
 from sdfc.config import Settings
-from sdfc.fc import events, lifecycle
+from sdfc.fc import events, gateway, lifecycle
 from sdfc.fc.compose import create_sdapi_app, create_web_app
 
 from .conftest import MODELS_DIR
@@ -150,7 +150,7 @@ def test_invoke_refuses_lifecycle_paths_and_flags_failures_for_fc(sdapi):
                                                 "body": {"steps": 0}}), headers=invoke)
     assert r.json["statusCode"] == 422 and "x-fc-status" not in r.headers
     # A server-side failure may pass on another instance: FC marks it failed (async retries, then onFailure).
-    assert [s for s in (400, 401, 404, 422, 429, 500, 503) if lifecycle.worth_retrying(s)] == [429, 500, 503]
+    assert [s for s in (400, 401, 404, 422, 429, 500, 503) if gateway.worth_retrying(s)] == [429, 500, 503]
     r = client.post("/invoke", data=json.dumps({"rawPath": "/sdapi/v1/samplers", "headers": AUTH}),
                     headers=invoke)
     assert r.json["statusCode"] == 200 and "x-fc-status" not in r.headers

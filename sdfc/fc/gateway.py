@@ -15,7 +15,10 @@ Whether this process runs in FC is read from the environment FC sets in every in
 """
 from __future__ import annotations
 
+import logging
 from typing import Mapping
+
+log = logging.getLogger("sdfc.fc")
 
 FC_PREFIX = "x-fc-"
 CONTROL_PATH = "x-fc-control-path"
@@ -32,6 +35,27 @@ DEFAULT_CONTAINER_PORT = 9000
 
 def container_bind(env: Mapping[str, str]) -> tuple[str, int]:
     return CONTAINER_HOST, int(env.get("SDFC_PORT") or DEFAULT_CONTAINER_PORT)
+
+
+# A custom container tells FC that an invocation failed with this response header (async retries, then the
+# onFailure destination apply).
+FAILED_INVOCATION = {"x-fc-status": "404"}
+
+
+def worth_retrying(status: int) -> bool:
+    """Whether FC should count an event's answer as a failed invocation: a server-side failure or a full queue
+    may pass on another try; a 4xx (bad credentials, a request that fails validation, an unknown task) fails the
+    same way every time, and each retry would wake a GPU instance for nothing."""
+    return status >= 500 or status == 429
+
+
+def invocation_outcome_headers(status: int) -> dict[str, str]:
+    """The headers an event's answer with `status` carries for FC (every container function's one policy)."""
+    if worth_retrying(status):
+        return dict(FAILED_INVOCATION)
+    if status >= 400:
+        log.warning("event answered %d: not retried (a client error fails the same way every time)", status)
+    return {}
 
 
 def running_in_fc(env: Mapping[str, str]) -> bool:

@@ -178,18 +178,9 @@ def invoke():
     return _mark_for_fc(json_response(result), result["statusCode"])
 
 
-def worth_retrying(status: int) -> bool:
-    """Whether FC should count an event's answer as a failed invocation (async retries, then onFailure):
-    a server-side failure or a full queue may pass on another try; a 4xx (bad credentials, a request that
-    fails validation) fails the same way every time, and each retry would wake a GPU instance for nothing."""
-    return status >= 500 or status == 429
-
-
 def _mark_for_fc(response, status: int):
-    if worth_retrying(status):
-        response.headers["x-fc-status"] = "404"  # FC's custom-container signal for a failed invocation
-    elif status >= 400:
-        log.warning("event answered %d: not retried (a client error fails the same way every time)", status)
+    for name, value in gateway.invocation_outcome_headers(status).items():
+        response.headers[name] = value
     return response
 
 

@@ -22,7 +22,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..config import Settings
-from ..fc.gateway import is_platform_call
+from ..dispatch.transports import ASYNC_BODY_LIMIT
+from ..fc.gateway import invocation_outcome_headers, is_platform_call
 from ..jobs import JobsRoom, instance_name
 from ..jobs.fc_async import task_of_event
 from ..jobs.runner import TaskRunner
@@ -31,7 +32,6 @@ from ..jobs.training_requests import TRAINING_TYPES
 from ..records import OutputsStore, open_store
 
 log = logging.getLogger("sdfc.training")
-MAX_EVENT_BYTES = 128 * 1024  # FC's cap on an async invocation's body
 
 
 class _Options:
@@ -41,7 +41,7 @@ class _Options:
 
 
 class TrainingHost:
-    """What the task runner and sdfc/jobs/training.py use of sd-api's ApiState, for a process that serves no
+    """What the task runner and sdfc/jobs/training_process.py use of sd-api's ApiState, for a process that serves no
     images: its settings, one job at a time, no engine to refresh (sd-api instances list the new file after
     /sdapi/v1/refresh-loras or /refresh-embeddings, as A1111's do)."""
 
@@ -65,7 +65,7 @@ def build_room(settings: Settings) -> JobsRoom:
 
 
 def handle_event(room: JobsRoom, body: bytes) -> tuple[int, dict]:
-    """(status, body) for one invocation; a status >= 400 makes FC count it failed (its retries apply)."""
+    """(status, body) for one invocation; a 5xx (or 429) makes FC count it failed (its retries apply)."""
     task_id = task_of_event(body)
     if task_id is None:
         return 400, {"error": "EventError", "detail": "the event is not a task event ({\"sdfc_task\": id})"}
@@ -88,8 +88,8 @@ def make_server(room: JobsRoom, host: str, port: int, in_fc: bool) -> ThreadingH
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            if status >= 400:
-                self.send_header("x-fc-status", "404")  # FC counts the invocation failed
+            for name, value in invocation_outcome_headers(status).items():  # sd-api's /invoke policy
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 
@@ -104,7 +104,7 @@ def make_server(room: JobsRoom, host: str, port: int, in_fc: bool) -> ThreadingH
             if path != "/invoke" or not self._platform(path):
                 return self._answer(404, {"error": "NotFound", "detail": "not found"})
             length = int(self.headers.get("Content-Length") or 0)
-            if not 0 <= length <= MAX_EVENT_BYTES:
+            if not 0 <= length <= ASYNC_BODY_LIMIT:
                 return self._answer(413, {"error": "EventError", "detail": "the event is too large"})
             try:
                 status, body = handle_event(room, self.rfile.read(length))
