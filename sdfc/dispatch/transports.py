@@ -81,6 +81,14 @@ class _FcTransport:
                                 "ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET in the environment")
         return creds
 
+    def _openapi_config(self, creds: Credentials):
+        """The Alibaba Cloud OpenAPI SDKs' client configuration (FC 3.0's and FC 2.0's OpenAPI SDK share it)."""
+        from alibabacloud_tea_openapi import models as openapi_models
+        return openapi_models.Config(access_key_id=creds.access_key_id, access_key_secret=creds.access_key_secret,
+                                     security_token=creds.security_token, endpoint=self.host, protocol=self.scheme,
+                                     connect_timeout=int(self.timeout_s * 1000),
+                                     read_timeout=int(self.timeout_s * 1000))
+
     def client(self):
         """One SDK client, rebuilt only when the credentials change (STS tokens rotate)."""
         creds = self._credentials()
@@ -99,13 +107,7 @@ class Fc3Transport(_FcTransport):
 
     def _make_client(self, creds: Credentials):
         from alibabacloud_fc20230330.client import Client
-        from alibabacloud_tea_openapi import models as openapi_models
-        config = openapi_models.Config(access_key_id=creds.access_key_id,
-                                       access_key_secret=creds.access_key_secret,
-                                       security_token=creds.security_token, endpoint=self.host,
-                                       protocol=self.scheme, connect_timeout=int(self.timeout_s * 1000),
-                                       read_timeout=int(self.timeout_s * 1000))
-        return Client(config)
+        return Client(self._openapi_config(creds))
 
     def deliver(self, body: bytes, async_task_id: str | None = None) -> None:
         """`async_task_id`: FC's asynchronous task id (x-fc-async-task-id), so that FC's console and API can
@@ -151,24 +153,13 @@ class Fc2Transport(_FcTransport):
             raise
 
 
-class Fc2OpenTransport(_FcTransport):
-    """FC 2.0 (service + function) through its OpenAPI SDK: alibabacloud-fc-open20210406 `InvokeFunction`
-    with `x-fc-invocation-type: Async` (the SDK the FC 2.0 console's examples use)."""
-
-    def __init__(self, service_name: str, function_name: str, endpoint: str, credentials: CredentialSource,
-                 qualifier: str | None = None, **kwargs):
-        super().__init__(endpoint, credentials, **kwargs)
-        self.service_name, self.function_name, self.qualifier = service_name, function_name, qualifier
+class Fc2OpenTransport(Fc2Transport):
+    """The same FC 2.0 service + function through FC 2.0's OpenAPI SDK: alibabacloud-fc-open20210406
+    `InvokeFunction` with `x-fc-invocation-type: Async` (the SDK the FC 2.0 console's examples use)."""
 
     def _make_client(self, creds: Credentials):
         from alibabacloud_fc_open20210406.client import Client
-        from alibabacloud_tea_openapi import models as openapi_models
-        config = openapi_models.Config(access_key_id=creds.access_key_id,
-                                       access_key_secret=creds.access_key_secret,
-                                       security_token=creds.security_token, endpoint=self.host,
-                                       protocol=self.scheme, connect_timeout=int(self.timeout_s * 1000),
-                                       read_timeout=int(self.timeout_s * 1000))
-        return Client(config)
+        return Client(self._openapi_config(creds))
 
     def deliver(self, body: bytes) -> None:
         from alibabacloud_fc_open20210406 import models
