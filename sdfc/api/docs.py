@@ -133,7 +133,7 @@ COMPONENTS = {
         "created_at": _nullable(_S), "started_at": _nullable(_S), "finished_at": _nullable(_S),
         "error": _nullable(_S), "user": _nullable(_S), "gpu_seconds": _nullable(_N), "cost": _nullable(_N),
         "loss": _nullable(_N)}, title="Task"),
-    # sdfc/jobs/training.py's result: the LoRA (or embedding) written, its file in its folder; none when cancelled.
+    # sdfc/jobs/training_process.py's result: the LoRA (or embedding) written, its file in its folder; none when cancelled.
     "TrainingResult": _obj({"lora": _nullable(_S), "embedding": _nullable(_S), "file": _nullable(_S),
                             "steps_done": _I, "steps": _I, "final_loss": _nullable(_N), "cancelled": _B, "seed": _I,
                             "metadata": {"type": "object", "additionalProperties": _S}}, title="TrainingResult"),
@@ -331,6 +331,11 @@ def _models(settings) -> list:
         return []
 
 
+def _model_names(models: list) -> list[str]:
+    """Every spelling a request may name a model by (ModelInfo.matches): name, title, short hash, sha256."""
+    return sorted({n for m in models for n in (m.name, m.title, m.short_hash, m.sha256) if n})
+
+
 def _size_step(settings) -> int:
     """The size step every available model accepts (their least common multiple; 8 with no model)."""
     from .generation import size_step
@@ -441,9 +446,9 @@ def _with_server_limits(schema: dict, settings) -> dict:
         from ..engine.sdxl import NO_REFINER
 
         models = _models(settings)
-        names = sorted({n for m in models for n in (m.name, m.title, m.short_hash, m.sha256) if n})
         props["refiner_checkpoint"].pop("anyOf", None)
-        props["refiner_checkpoint"]["enum"] = [*names, *sorted(n for n in NO_REFINER if n is not None), None]
+        props["refiner_checkpoint"]["enum"] = [*_model_names(models), *sorted(n for n in NO_REFINER if n is not None),
+                                               None]
         props["refiner_checkpoint"]["nullable"] = True
         props["refiner_checkpoint"]["description"] += " (a title, name or hash from GET /sd-models)"
         if "enable_hr" in props:  # a refiner with the hires fix is refused (engine/sdxl.py)
@@ -527,8 +532,7 @@ def _model_dependent_options(props: dict, models: list, for_request: bool) -> No
     clip["enum"] = sorted(skips)
     clip["description"] = "the clip skips the models export (GET /sd-models; A1111's range is 1-12)"
     if for_request:
-        names = sorted({n for m in models for n in (m.name, m.title, m.short_hash, m.sha256) if n})
-        props["sd_model_checkpoint"]["enum"] = [*names, "", None]
+        props["sd_model_checkpoint"]["enum"] = [*_model_names(models), "", None]
         props["sd_model_checkpoint"]["description"] = ("a model's title, name or hash from GET /sd-models "
                                                        "(empty or null: keep the current one)")
 

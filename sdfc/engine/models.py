@@ -7,6 +7,7 @@ is loaded once per instance and then serves many requests.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import threading
@@ -88,9 +89,10 @@ class ModelInfo:
         return (f"CLIP skip {clip_skip} is not available for model {self.name!r} (available: "
                 f"{', '.join(map(str, sorted(outputs)))}; export with --clip-skip to add more)")
 
-    @property
+    @functools.cached_property
     def memory(self) -> MemoryProfile:
-        """What a generation with this model costs in memory (read from its config files)."""
+        """What a generation with this model costs in memory, read from its config files once: every request's
+        check and every cache look-up with a byte bound asks (a changed folder is a new ModelInfo on refresh)."""
         return memory_profile(self.path, self.precision, dict(self.component_precision),
                               fp32_vae_retry=self.fp32_fallback_of("vae_decoder") is not None)
 

@@ -255,11 +255,6 @@ class Engine:
         embeddings_mod.sync_embeddings(model, sdxl_mod.embeddings_folder(info, self.embeddings_dir))
         return model
 
-    @property
-    def _loaded(self) -> dict[str, OnnxModel]:
-        """The models the cache holds now (a snapshot, least recently used first)."""
-        return self.model_cache.models()
-
     def set_checkpoint_cache(self, others: int) -> None:
         """A1111's sd_checkpoint_cache: how many models stay loaded besides the current one."""
         self.model_cache.set_others(int(others))
