@@ -152,3 +152,24 @@ def test_a_train_task_is_handed_to_the_training_function_and_cancelled_there(fun
     child_gone = not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     assert child_gone and training_children(train.process.pid) == []
     assert not (mnt / "loras" / "fclong.safetensors").exists()
+
+
+def test_the_training_function_asks_fc_to_retry_only_what_may_pass_on_another_try(tmp_path):
+    """Its answers follow sd-api's /invoke policy (sdfc/fc/gateway.py): an event that is not a task, or names a task
+    that does not exist, fails the same way every time and is not retried on a GPU."""
+    import threading
+
+    from sdfc.config import Settings
+    from sdfc.training.function import build_room, make_server
+
+    settings = Settings.from_env({"SDFC_DATA_DIR": str(tmp_path), "SDFC_DISPATCH": "off"})
+    server = make_server(build_room(settings), "127.0.0.1", 0, in_fc=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/invoke"
+    try:
+        for event, status in ((b"not json", 400), (json.dumps({"sdfc_task": "sdfc-none"}).encode(), 404)):
+            r = requests.post(url, data=event, timeout=10)
+            assert r.status_code == status and "x-fc-status" not in r.headers, (r.status_code, r.headers)
+    finally:
+        server.shutdown()
+        server.server_close()
